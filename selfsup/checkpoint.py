@@ -1,0 +1,292 @@
+"""Checkpoints: orbax under one small class, plus a device-free params reader.
+
+A checkpoint is `<workdir>/checkpoints/<step>/` with two items: `state`, a plain nested dict of
+global jax.Arrays (the TrainState after `flax.serialization.to_state_dict`), and `meta`, a JSON
+dict (schema version, step, data position, resolved config). Orbax writes each step into
+`<step>.orbax-checkpoint-tmp/` and renames it to `<step>/` only once every item is written, so a
+crash mid-save leaves the previous checkpoints untouched and the partial directory is never
+listed as a step. A Manager deletes such leftovers when it opens (before its first save at the
+latest): open one Manager per workdir at a time. `restore_params` only reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from selfsup.errors import UserError
+
+PyTree = Any
+
+SCHEMA_VERSION = 1
+
+
+def _directory(workdir: str | os.PathLike) -> Path:
+    return Path(workdir).absolute() / "checkpoints"
+
+
+def _registry(state_args: tuple[type, ...]) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    # Registering the items up front lets metadata be read before any save or restore.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in state_args:
+        registry.add("state", args)
+    registry.add("meta", ocp.args.JsonSave)
+    registry.add("meta", ocp.args.JsonRestore)
+    return registry
+
+
+def _cause(e: BaseException) -> str:
+    """The first line of an exception, short enough for a one-line error."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _unreadable(step_dir: Path, e: BaseException, steps: list[int]) -> UserError:
+    others = [s for s in steps if str(s) != step_dir.name]
+    return UserError(
+        f"checkpoint {step_dir} is damaged or unreadable ({_cause(e)}): restore another step "
+        f"(available: {others}) or move that directory away to resume from the previous one"
+    )
+
+
+def _no_checkpoint(directory: Path) -> UserError:
+    return UserError(
+        f"no checkpoint in {directory}: train first, or pass the workdir of a run that saved one"
+    )
+
+
+def _resolve_step(mngr: ocp.CheckpointManager, directory: Path, step: int | None) -> int:
+    steps = list(mngr.all_steps())
+    if not steps:
+        raise _no_checkpoint(directory)
+    if step is None:
+        return max(steps)
+    if int(step) not in steps:
+        raise UserError(
+            f"no checkpoint for step {step} in {directory}: pick one of {sorted(steps)}"
+        )
+    return int(step)
+
+
+def _read_meta(mngr: ocp.CheckpointManager, directory: Path, step: int) -> dict:
+    """Restores `meta` and checks its schema version."""
+    step_dir = directory / str(step)
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:
+        raise _unreadable(step_dir, e, list(mngr.all_steps())) from e
+    version = meta.get("schema_version") if isinstance(meta, dict) else None
+    if not isinstance(version, int):
+        raise UserError(
+            f"checkpoint {step_dir} has no schema_version in its metadata: it was not written by "
+            "selfsup or is damaged; restore another step or use another workdir"
+        )
+    if version > SCHEMA_VERSION:
+        raise UserError(
+            f"checkpoint {step_dir} has schema_version {version}, newer than this selfsup's "
+            f"{SCHEMA_VERSION}: upgrade selfsup to read it"
+        )
+    return meta
+
+
+def _read_tree_metadata(mngr: ocp.CheckpointManager, step: int) -> PyTree | None:
+    """The stored tree of ArrayMetadata (shape, dtype), or None where it cannot be read."""
+    try:
+        return mngr.item_metadata(step)["state"].tree
+    except Exception:
+        # Damaged metadata alone does not stop the arrays from being read; restore decides.
+        return None
+
+
+def _leaves_by_path(tree: PyTree) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
+
+
+def _check_matches(stored: PyTree, target: PyTree, step_dir: Path) -> None:
+    """Raises a UserError naming the first key whose presence, shape or dtype differs."""
+    have, want = _leaves_by_path(stored), _leaves_by_path(target)
+    fix = "the config does not match the checkpoint; resume with the config it was saved with"
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if missing:
+        raise UserError(
+            f"checkpoint {step_dir} has no {missing[0]} but the config builds one: {fix}, "
+            "or a new workdir"
+        )
+    if extra:
+        raise UserError(
+            f"checkpoint {step_dir} has {extra[0]} but the config does not build it: {fix}, "
+            "or a new workdir"
+        )
+    for key in sorted(want):
+        h, w = have[key], want[key]
+        h_shape, w_shape = tuple(getattr(h, "shape", ())), tuple(np.shape(w))
+        if h_shape != w_shape:
+            raise UserError(
+                f"the checkpoint's {key} has shape {h_shape} but the config builds {w_shape} "
+                f"({step_dir}): {fix}"
+            )
+        h_dtype, w_dtype = getattr(h, "dtype", None), getattr(w, "dtype", None)
+        if h_dtype is not None and w_dtype is not None and np.dtype(h_dtype) != np.dtype(w_dtype):
+            raise UserError(
+                f"the checkpoint's {key} has dtype {np.dtype(h_dtype)} but the config builds "
+                f"{np.dtype(w_dtype)} ({step_dir}): {fix}"
+            )
+
+
+def _abstract(target: PyTree) -> PyTree:
+    """Target leaves -> jax.ShapeDtypeStruct with a sharding (the default device if none)."""
+
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            if jax.process_count() > 1:
+                raise UserError(
+                    "a restore target leaf has no sharding in a multi-process run: build the "
+                    "target with the mesh's shardings"
+                )
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        dtype = getattr(x, "dtype", None)
+        if dtype is None:  # a Python scalar: the dtype jax would give it
+            dtype = jnp.asarray(x).dtype
+        return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sharding)
+
+    return jax.tree.map(one, target)
+
+
+class Manager:
+    """Saves and restores `(state, meta)` under `<workdir>/checkpoints/<step>/`.
+
+    Every process of a multi-host run makes the same calls; orbax coordinates the writes.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = _directory(workdir)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            # A crashed save leaves `<step>.orbax-checkpoint-tmp`; it never holds a finished
+            # checkpoint, so it is deleted (orbax finishes this before the next save starts).
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        registry = _registry((ocp.args.StandardSave, ocp.args.StandardRestore))
+        self._mngr = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=registry
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None when there is none."""
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        return sorted(self._mngr.all_steps())
+
+    def save(self, step: int, state: PyTree, meta: dict, *, wait: bool = False) -> None:
+        """Saves `state` (nested dict of global jax.Arrays) and `meta` (JSON-able dict) at `step`.
+
+        Returns once the arrays are copied off the devices, so the caller may donate them;
+        the files are written in the background unless `wait`. `meta` gains `schema_version`
+        and `step`. Steps must increase.
+        """
+        step = int(step)
+        latest = self._mngr.latest_step()
+        if latest is not None and step <= latest:
+            raise UserError(
+                f"cannot save step {step} in {self.directory}: it already holds step {latest}; "
+                "resume from it (the training loop does) or use a new workdir"
+            )
+        meta = {**meta, "schema_version": SCHEMA_VERSION, "step": step}
+        json.dumps(meta)  # fail here, in the caller, rather than in the writer thread
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        if wait:
+            self.wait()
+
+    def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
+        """Restores `(state, meta)` of `step` (the latest when None) onto `target`'s shardings.
+
+        `target` has the state's tree structure; its leaves are jax.ShapeDtypeStruct (with the
+        new mesh's `.sharding`) or concrete arrays. The mesh may differ from the one that saved.
+        Leaves without a sharding go to the first local device (single-process runs only).
+        Raises UserError when the checkpoint is missing, damaged, newer than this code, or
+        differs from `target` in a key, shape or dtype.
+        """
+        self.wait()
+        step = _resolve_step(self._mngr, self.directory, step)
+        step_dir = self.directory / str(step)
+        meta = _read_meta(self._mngr, self.directory, step)
+        stored = _read_tree_metadata(self._mngr, step)
+        if stored is not None:
+            _check_matches(stored, target, step_dir)
+        try:
+            restored = self._mngr.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))),
+            )
+        except UserError:
+            raise
+        except Exception as e:
+            raise _unreadable(step_dir, e, self.all_steps()) from e
+        return restored.state, meta
+
+    def wait(self) -> None:
+        """Blocks until every pending save is committed."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources."""
+        self._mngr.close()
+
+
+def restore_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
+    """Reads `(params, meta)` of `step` (latest when None) as host NumPy, without devices.
+
+    The tree structure, shapes and dtypes come from the checkpoint itself; only the `params`
+    subtree is read. For evaluation and export.
+    """
+    directory = _directory(workdir)
+    if not directory.is_dir():
+        raise _no_checkpoint(directory)
+    registry = _registry((ocp.args.PyTreeRestore,))
+    # No cleanup and no create: this reader must never touch a directory a run is writing.
+    options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+    mngr = ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+    try:
+        step = _resolve_step(mngr, directory, step)
+        step_dir = directory / str(step)
+        meta = _read_meta(mngr, directory, step)
+        try:
+            stored = mngr.item_metadata(step)["state"].tree
+        except Exception as e:
+            raise _unreadable(step_dir, e, list(mngr.all_steps())) from e
+        if not isinstance(stored, dict) or "params" not in stored:
+            raise UserError(
+                f"checkpoint {step_dir} holds no params: pass the workdir of a training run"
+            )
+        item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored["params"])
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        args = ocp.args.PyTreeRestore(
+            item={"params": item}, restore_args={"params": as_numpy}, partial_restore=True
+        )
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(state=args))
+        except Exception as e:
+            raise _unreadable(step_dir, e, list(mngr.all_steps())) from e
+    finally:
+        mngr.close()
+    return restored.state["params"], meta

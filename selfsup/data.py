@@ -1,0 +1,457 @@
+"""Datasets -> batches of uint8 images and int32 labels, one process's slice of each global batch.
+
+The host only decodes, resizes to a fixed storage size S and batches; all random augmentation
+runs later on the device. A `Source` gives random access to one split (`build_source`), a
+`Loader` turns it into an endless, resumable stream of training batches whose order is a
+function of (seed, epoch) alone, and `eval_batches` makes one ordered, padded pass.
+
+Config keys (`config.data`, a ConfigDict or dict):
+  source:      "builtin" | "npz" | "folder" | "tfds"
+  name:        tfds dataset name, or the builtin dataset's name ("shapes")
+  data_dir:    tfds data_dir (local; nothing is downloaded)
+  path:        the .npz file or the image folder
+  image_size:  S: images are resized so the shorter side is S, then centre-cropped to S x S
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from selfsup import builtin_data
+from selfsup.errors import UserError
+
+_log = logging.getLogger(__name__)
+
+SOURCES = ("builtin", "npz", "folder", "tfds")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+_PREFETCH = 3  # batches decoded ahead of the consumer
+
+
+class DecodeError(Exception):
+    """An example whose image cannot be decoded; the message names the file or index."""
+
+
+class Source(Protocol):
+    """Random access over one split, after decode and resize."""
+
+    num_classes: int
+    image_size: int  # S
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        """(uint8 [S, S, 3], label); raises DecodeError for an undecodable image."""
+        ...
+
+
+def _fit(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
+    """[H, W], [H, W, C] with C in (1, 3, 4), or a PIL image -> uint8 [size, size, 3].
+
+    Bilinear (antialiased when shrinking) resize of the centred square of side min(H, W): the same
+    as resizing the shorter side to `size` and centre-cropping, without rounding the middle size.
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+            raise DecodeError(f"image of shape {image.shape} is not [H, W, 1|3|4]")
+        image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+        if image.shape[:2] == (size, size):  # a copy: never a read-only view of a memmap
+            return np.array(image, dtype=np.uint8, order="C")
+        image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    box = (left, top, left + side, top + side)
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+
+class _ArraySource:
+    """Examples from in-memory or memory-mapped arrays: images [N, H, W(, C)] uint8, labels [N]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, size: int):
+        self.images, self.labels = images, labels
+        self.num_classes, self.image_size = num_classes, size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return _fit(np.asarray(self.images[i]), self.image_size), int(self.labels[i])
+
+
+def _read_npz_member(path: Path, zf: zipfile.ZipFile, key: str) -> np.ndarray:
+    """One array of an .npz; an uncompressed (np.savez) member is memory-mapped, not read."""
+    info = zf.getinfo(key + ".npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset + 26)  # the local header's name and extra-field lengths
+            name_len, extra_len = np.frombuffer(f.read(4), dtype="<u2")
+            f.seek(info.header_offset + 30 + int(name_len) + int(extra_len))
+            version = np.lib.format.read_magic(f)
+            if version in ((1, 0), (2, 0)):
+                read_header = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+                shape, fortran, dtype = read_header(f)
+                if not dtype.hasobject:
+                    order = "F" if fortran else "C"
+                    return np.memmap(path, dtype, "r", f.tell(), shape, order)
+    with zf.open(info) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def _npz_source(path: Path, split: str, size: int) -> _ArraySource:
+    """`images`/`labels`, or `<split>_images`/`<split>_labels`; optional `label_names`."""
+    if not path.is_file():
+        raise UserError(f"npz file {path} not found; set config.data.path to an existing .npz")
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise UserError(f"{path} is not an .npz (zip) file; write it with np.savez") from None
+    with zf:
+        keys = sorted(n.removesuffix(".npy") for n in zf.namelist())
+        prefix = f"{split}_" if f"{split}_images" in keys else ""
+        missing = [k for k in (prefix + "images", prefix + "labels") if k not in keys]
+        if missing:
+            raise UserError(
+                f"{path} lacks {missing} for split {split!r}; it has {keys} (expected "
+                f"'{split}_images'/'{split}_labels' or 'images'/'labels')"
+            )
+        images = _read_npz_member(path, zf, prefix + "images")
+        labels = _read_npz_member(path, zf, prefix + "labels")
+        if "label_names" in keys:
+            num_classes = len(_read_npz_member(path, zf, "label_names"))
+        else:  # over every split's labels, so train and test agree
+            label_keys = [k for k in keys if k == "labels" or k.endswith("_labels")]
+            num_classes = 1 + max(
+                int(_read_npz_member(path, zf, k).max(initial=-1)) for k in label_keys
+            )
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
+        raise UserError(
+            f"{path}: {prefix}images must be uint8 [N, H, W, 3] with N == len({prefix}labels); "
+            f"got {images.dtype} {images.shape} and labels {labels.shape}"
+        )
+    return _ArraySource(images, labels, num_classes, size)
+
+
+class _FolderSource:
+    """`root/<class>/<image>`, classes and files sorted by name; root: `path/<split>` or `path`."""
+
+    def __init__(self, path: Path, split: str, size: int):
+        if not path.is_dir():
+            raise UserError(f"image folder {path} not found; set config.data.path to it")
+        root = path / split if (path / split).is_dir() else path
+        # Hidden folders (.ipynb_checkpoints, ...) are not classes.
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+        if not classes:
+            raise UserError(f"{root} has no class subfolders; expected {root}/<class>/<images>")
+        self.files: list[str] = []
+        labels = []
+        for label, name in enumerate(classes):
+            files = sorted(
+                e.path
+                for e in os.scandir(root / name)
+                if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not files:
+                raise UserError(
+                    f"class folder {root / name} has no {'/'.join(IMAGE_EXTENSIONS)} files "
+                    f"(for split folders, {path / split} must exist)"
+                )
+            self.files += files
+            labels += [label] * len(files)
+        self.labels = np.asarray(labels, dtype=np.int32)
+        self.classes, self.num_classes, self.image_size = classes, len(classes), size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        path = self.files[i]
+        try:
+            with Image.open(path) as image:
+                # JPEG can decode at 1/2, 1/4 or 1/8 scale, never below S: much cheaper.
+                image.draft("RGB", (self.image_size, self.image_size))
+                image = image.convert("RGB")
+        except Exception as err:  # PIL raises many types for bad files; all mean "undecodable"
+            raise DecodeError(f"{path}: {err}") from err
+        return _fit(image, self.image_size), int(self.labels[i])
+
+
+class _TfdsSource:
+    """A prepared TFDS dataset in ArrayRecord format, read without TensorFlow."""
+
+    def __init__(self, name: str, data_dir: str | None, split: str, size: int):
+        import tensorflow_datasets as tfds  # slow import: only when used
+
+        where = data_dir or "~/tensorflow_datasets (the TFDS default)"
+        how = (
+            f"prepare it on a machine with internet (`tfds build {name} --data_dir {where} "
+            f"--file_format array_record`) and copy the folder here"
+        )
+        try:
+            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        except tfds.core.registered.DatasetNotFoundError:
+            raise UserError(f"TFDS dataset {name!r} not found in {where}; {how}") from None
+        if not builder.is_prepared():
+            raise UserError(f"TFDS dataset {name!r} is not prepared in {where}; {how}")
+        try:
+            self._records = builder.as_data_source(split=split)
+        except ValueError as err:  # unknown split
+            raise UserError(f"TFDS dataset {name!r} in {where}: {err}") from None
+        except NotImplementedError:  # prepared as tfrecord: no random access
+            raise UserError(f"TFDS dataset {name!r} in {where} is not ArrayRecord; {how}") from None
+        features = builder.info.features
+        if "image" not in features or "label" not in features:
+            raise UserError(f"TFDS dataset {name!r} needs 'image' and 'label' features: {features}")
+        self.num_classes = int(features["label"].num_classes)
+        self.name, self.image_size = name, size
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        try:
+            record = self._records[i]
+            image = _fit(np.asarray(record["image"]), self.image_size)
+        except IndexError:
+            raise
+        except Exception as err:  # the record's bytes do not decode
+            raise DecodeError(f"{self.name} example {i}: {err}") from err
+        return image, int(record["label"])
+
+
+class _BuiltinSource:
+    """A procedurally generated split from `builtin_data`."""
+
+    def __init__(self, name: str, split: str, size: int):
+        if name not in builtin_data.NAMES:
+            raise UserError(f"unknown builtin dataset {name!r}; choose one of {builtin_data.NAMES}")
+        if split not in builtin_data.SPLIT_SIZES:
+            splits = sorted(builtin_data.SPLIT_SIZES)
+            raise UserError(f"builtin dataset has no split {split!r}; use one of {splits}")
+        self.split, self.num_classes, self.image_size = split, builtin_data.NUM_CLASSES, size
+
+    def __len__(self) -> int:
+        return builtin_data.SPLIT_SIZES[self.split]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        image, label = builtin_data.example(self.split, i)
+        return _fit(image, self.image_size), label
+
+
+def build_source(data_config: Any, split: str) -> Source:
+    """The `Source` for one split ("train", "test", ...) described by `config.data`."""
+    get = data_config.get
+    kind, size = get("source"), get("image_size")
+    if kind not in SOURCES:
+        raise UserError(f"config.data.source is {kind!r}; choose one of {SOURCES}")
+    if not isinstance(size, int | np.integer) or size <= 0:
+        raise UserError(f"config.data.image_size is {size!r}; set a positive int (e.g. 32)")
+    size = int(size)
+    if kind in ("npz", "folder") and not get("path"):
+        raise UserError(f"config.data.path is not set; source {kind!r} reads from it")
+    if kind == "npz":
+        return _npz_source(Path(get("path")).expanduser(), split, size)
+    if kind == "folder":
+        return _FolderSource(Path(get("path")).expanduser(), split, size)
+    if kind == "tfds":
+        if not get("name"):
+            raise UserError("config.data.name is not set; give the TFDS dataset name")
+        return _TfdsSource(get("name"), get("data_dir"), split, size)
+    return _BuiltinSource(get("name") or builtin_data.NAMES[0], split, size)
+
+
+class _Reader:
+    """Reads examples; None for an undecodable one, remembered and warned about once."""
+
+    def __init__(self, source: Source):
+        self.source, self._bad, self._lock = source, set(), threading.Lock()
+
+    def get(self, index: int) -> tuple[np.ndarray, int] | None:
+        if index in self._bad:
+            return None
+        try:
+            return self.source[index]
+        except DecodeError as err:
+            with self._lock:
+                first = index not in self._bad
+                self._bad.add(index)
+            if first:
+                _log.warning("skipping undecodable image (index %d): %s", index, err)
+            return None
+
+
+def _collate(examples: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+    images = np.stack([image for image, _ in examples])
+    return {"image": images, "label": np.asarray([label for _, label in examples], np.int32)}
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+    if not 0 <= process_index < process_count:
+        raise UserError(f"process_index {process_index} not in [0, {process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise UserError(
+            f"batch size {global_batch_size} must be a positive multiple of the process count "
+            f"{process_count}; change config.batch_size"
+        )
+    return global_batch_size // process_count
+
+
+def _prefetch(
+    make_batch: Callable[[int, ThreadPoolExecutor], dict], steps: Iterable[int], num_threads: int
+) -> Iterator[dict]:
+    """Yields make_batch(step, pool) for each step, built ahead in a background thread.
+
+    Closing (or garbage-collecting) the generator stops and joins the thread.
+    """
+    out: queue.Queue = queue.Queue(maxsize=_PREFETCH)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            with ThreadPoolExecutor(num_threads, thread_name_prefix="selfsup-decode") as pool:
+                for step in steps:
+                    if not put(make_batch(step, pool)):
+                        return
+            put(end)
+        except BaseException as err:  # re-raised in the consumer
+            put(err)
+
+    thread = threading.Thread(target=produce, name="selfsup-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Loader:
+    """Training batches: an endless stream, resumable at any step, the same on every host count.
+
+    Global batch b holds positions [k*G, (k+1)*G) of `epoch_order(b // steps_per_epoch)`, with
+    k = b % steps_per_epoch and G the global batch size (the last partial batch of an epoch is
+    dropped). This process gets rows [pid*L, (pid+1)*L) of it, L = G / process_count.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        global_batch_size: int,
+        *,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_threads: int = 8,
+    ):
+        self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+        self.steps_per_epoch = len(source) // global_batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"the split has {len(source)} examples, fewer than one batch of "
+                f"{global_batch_size}; lower config.batch_size"
+            )
+        if not isinstance(seed, int | np.integer) or seed < 0:
+            raise UserError(f"seed {seed!r} must be a non-negative int")
+        self.source, self.global_batch_size, self.seed = source, global_batch_size, int(seed)
+        self.process_index, self.num_threads = process_index, max(1, num_threads)
+        self._reader = _Reader(source)
+        self._skipped = 0
+
+    @property
+    def skipped(self) -> int:
+        """Rows of the batches yielded so far (this process) whose own example was undecodable
+        and was replaced by the next decodable one in the epoch order."""
+        return self._skipped
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """int64 [len(source)]: a permutation of range(len(source)), a function of (seed, epoch)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+
+    def _example_at(self, order: np.ndarray, position: int) -> tuple[tuple[np.ndarray, int], bool]:
+        """(example, replaced): the first decodable at `position`, position + 1, ... (wrapping)."""
+        n = len(order)
+        for offset in range(n):
+            example = self._reader.get(int(order[(position + offset) % n]))
+            if example is not None:
+                return example, offset > 0
+        raise UserError(f"none of the {n} images in the dataset decodes; check the data")
+
+    def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Batches from global step `start_step` on (the data position saved in checkpoints):
+        {"image": uint8 [L, S, S, 3], "label": int32 [L]}."""
+        if start_step < 0:
+            raise ValueError(f"start_step {start_step} < 0")
+        g, lb = self.global_batch_size, self.local_batch_size
+        current: dict[str, Any] = {"epoch": None}
+
+        def make(step: int, pool: ThreadPoolExecutor) -> tuple[dict, int]:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if current["epoch"] != epoch:
+                current.update(epoch=epoch, order=self.epoch_order(epoch))
+            order, first = current["order"], k * g + self.process_index * lb
+            rows = list(pool.map(lambda p: self._example_at(order, p), range(first, first + lb)))
+            return _collate([example for example, _ in rows]), sum(r for _, r in rows)
+
+        return self._counted(_prefetch(make, itertools.count(start_step), self.num_threads))
+
+    def _counted(self, batches: Iterator[tuple[dict, int]]) -> Iterator[dict[str, np.ndarray]]:
+        # Counted as batches are handed out, not as prefetched, so `skipped` is exact.
+        with contextlib.closing(batches):
+            for batch, replaced in batches:
+                self._skipped += replaced
+                yield batch
+
+
+def eval_batches(
+    source: Source,
+    global_batch_size: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 8,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One ordered pass over the split: ceil(N / G) batches of
+    {"image": uint8 [L, S, S, 3], "label": int32 [L], "valid": bool [L]}.
+
+    Rows past the end (zero images, label 0) and undecodable images have valid = False. Every
+    process gets the same number of batches, each its rows [pid*L, (pid+1)*L) of the global one.
+    """
+    lb = _local_batch_size(global_batch_size, process_index, process_count)
+    n, reader = len(source), _Reader(source)
+    blank = (np.zeros((source.image_size,) * 2 + (3,), np.uint8), 0)
+
+    def make(step: int, pool: ThreadPoolExecutor) -> dict:
+        first = step * global_batch_size + process_index * lb
+        rows = list(pool.map(lambda i: reader.get(i) if i < n else None, range(first, first + lb)))
+        batch = _collate([blank if row is None else row for row in rows])
+        batch["valid"] = np.asarray([row is not None for row in rows])
+        return batch
+
+    return _prefetch(make, range(-(-n // global_batch_size)), max(1, num_threads))

@@ -1,0 +1,71 @@
+"""The training state: a pytree created directly in its sharded layout from abstract shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from selfsup import sharding
+
+
+@struct.dataclass
+class TrainState:
+    """step: int32 scalar; params: the objective's parameters ("backbone" is the encoder);
+    opt_state: optax state; model_state: the objective's mutable collections (e.g. batch_stats)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    model_state: Any
+
+    def to_dict(self) -> dict:
+        """A plain nested dict for checkpoints (optax NamedTuples become dicts)."""
+        return flax.serialization.to_state_dict(self)
+
+    def from_dict(self, tree: dict) -> TrainState:
+        """Fill this state's structure with the values of a dict made by `to_dict`."""
+        return flax.serialization.from_state_dict(self, tree)
+
+
+def init_fn(model, tx: optax.GradientTransformation, example_views: tuple, seed: int):
+    """A function of no arguments that initialises the whole state (for eval_shape and jit)."""
+
+    def init() -> TrainState:
+        rng = jax.random.key(seed)
+        rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(_init_streams(model))}
+        variables = model.init(rngs, example_views, train=False)
+        params = variables.pop("params")
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            model_state=dict(variables),
+        )
+
+    return init
+
+
+def create(model, tx, example_views: tuple, seed: int, mesh, rules) -> tuple[TrainState, Any]:
+    """(state, shardings): the state initialised under jit straight into its sharded layout."""
+    init = init_fn(model, tx, example_views, seed)
+    abstract = jax.eval_shape(init)
+    shardings = sharding.tree_shardings(abstract, mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)()
+    return state, shardings
+
+
+def abstract(model, tx, example_views: tuple, seed: int, shardings) -> TrainState:
+    """The state's ShapeDtypeStructs carrying `shardings` (the target for a checkpoint restore)."""
+    shapes = jax.eval_shape(init_fn(model, tx, example_views, seed))
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
+def _init_streams(model) -> tuple[str, ...]:
+    return ("params", *getattr(model, "rng_streams", ()), "dropout", "drop_path")

@@ -1,0 +1,367 @@
+"""The one training loop: `train_and_evaluate(config, workdir)`. Every objective plugs into it.
+
+The loop owns the infrastructure (mesh, data, checkpoints, logs, signals); the objective owns the
+math. Randomness is a function of (seed, step) and the data position is the step, so a resumed
+run reproduces the uninterrupted one exactly.
+
+    python -m selfsup.train --config configs/quickstart.py --workdir /tmp/qs
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from selfsup import augment, checkpoint, data, logs, objectives, optim, sharding
+from selfsup import config as config_lib
+from selfsup import state as state_lib
+from selfsup.errors import UserError
+
+# Named random streams, each derived from (seed, step): fold_in(fold_in(key(seed), step), id).
+STREAMS = ("augment", "mask", "dropout", "drop_path")
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint of `step` was saved. Carries the signal number."""
+
+    def __init__(self, signum: int, step: int, workdir: str):
+        self.signum = signum
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint saved in "
+            f"{workdir}. Run the same command to resume."
+        )
+
+
+class Diverged(UserError):
+    """The loss or gradient norm became NaN/Inf."""
+
+
+def stream_keys(seed: int, step: jax.Array) -> dict[str, jax.Array]:
+    """One key per named stream for this step."""
+    rng = jax.random.fold_in(jax.random.key(seed), step)
+    return {name: jax.random.fold_in(rng, zlib.crc32(name.encode())) for name in STREAMS}
+
+
+def build_model(config: mlc.ConfigDict):
+    """The objective (with its backbone) in the config's compute dtype."""
+    objective, backbone = dict(config.objective), dict(config.backbone)
+    if config.compute_dtype == "bfloat16":
+        objective.setdefault("dtype", jnp.bfloat16)
+        backbone.setdefault("dtype", jnp.bfloat16)
+    return objectives.build(objective, backbone)
+
+
+def make_grad_fn(model, views_fn, seed: int):
+    """grad_fn(state, batch) -> (loss, metrics, grads, model_updates) for one global batch."""
+    mutable = tuple(getattr(model, "mutable", ()))
+
+    def grad_fn(state: state_lib.TrainState, batch: dict):
+        keys = stream_keys(seed, state.step)
+        views = views_fn(batch["image"], keys.pop("augment"))
+
+        def loss_fn(params):
+            variables = {"params": params, **state.model_state}
+            (loss, metrics), updates = model.apply(
+                variables, views, train=True, rngs=keys, mutable=mutable
+            )
+            return loss, (metrics, updates)
+
+        (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return loss, metrics, grads, updates
+
+    return grad_fn
+
+
+def make_train_step(model, tx, views_fn, seed: int, schedule):
+    """train_step(state, batch) -> (state, metrics): augment, forward, backward, update."""
+    grad_fn = make_grad_fn(model, views_fn, seed)
+
+    def train_step(state: state_lib.TrainState, batch: dict) -> tuple[state_lib.TrainState, dict]:
+        loss, metrics, grads, model_updates = grad_fn(state, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            model_state={**state.model_state, **model_updates},
+        )
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),  # NaN here means the update broke the model
+            "lr": schedule(state.step),
+        }
+        return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
+
+    return train_step
+
+
+def resolve_durations(config: mlc.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
+    """(total_steps, warmup_steps) from steps or epochs."""
+    total = config.total_steps or math.ceil(config.total_epochs * steps_per_epoch)
+    warmup = config.optim.warmup_steps or round(config.optim.warmup_epochs * steps_per_epoch)
+    return total, warmup
+
+
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train (or resume) the run in `workdir`; returns the last logged metrics and the number
+    of times the train step compiled (1 unless something retraced)."""
+    config = config if config.is_locked else config_lib.resolve(config)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    if config.batch_size % mesh.size or config.batch_size % jax.process_count():
+        raise UserError(
+            f"config.batch_size={config.batch_size} must be divisible by the {mesh.size} devices"
+        )
+
+    source = data.build_source(config.data, "train")
+    loader = data.Loader(
+        source,
+        config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    total_steps, warmup_steps = resolve_durations(config, loader.steps_per_epoch)
+    optim_config = mlc.ConfigDict(config.optim.to_dict())
+    optim_config.warmup_steps = warmup_steps
+    tx, schedule = optim.build(optim_config, batch_size=config.batch_size, total_steps=total_steps)
+
+    model = build_model(config)
+    views_fn = augment.build(config.views)
+    size = config.data.image_size
+    example_views = jax.eval_shape(
+        views_fn, jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8), jax.random.key(0)
+    )
+    num_views = getattr(model, "num_views", 1)
+    if len(example_views) != num_views:
+        raise UserError(
+            f"config.views has {len(example_views)} view specs, but objective "
+            f"'{config.objective.name}' takes {num_views}"
+        )
+    example_views = tuple(jnp.zeros(v.shape, v.dtype) for v in example_views)
+    state, state_shardings = state_lib.create(
+        model, tx, example_views, config.seed, mesh, config.param_sharding
+    )
+
+    ckpt = checkpoint.Manager(workdir, keep=config.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.to_dict()
+        )
+        restored, _ = ckpt.restore(target)
+        state = state.from_dict(restored)
+    start = int(state.step)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config))
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(model, tx, views_fn, config.seed, schedule),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    images = ReconstructionImages(config, model, views_fn, source, mesh)
+    writer = logs.Writer(workdir, active=is_main)
+    meta = {"config": config.to_dict()}
+    progress = tqdm(
+        total=total_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True
+    )
+    window = MetricWindow(config.batch_size, on_diverged=lambda: _last_good(ckpt, workdir))
+    last: dict[str, float] = {}
+    batches = loader.iterate(start_step=start)
+    with SignalCatcher() as signals:
+        try:
+            for step in range(start, total_steps):
+                batch = {
+                    k: jax.make_array_from_process_local_data(batch_sharding, v)
+                    for k, v in next(batches).items()
+                }
+                state, metrics = train_step(state, batch)
+                # Fetch the previous step's metrics while this one runs (one step of lag).
+                window.push(step, metrics)
+                done = step + 1
+                at_end = done == total_steps
+                save_now = done % config.checkpoint_every_steps == 0 or at_end or signals.signum
+                if save_now or done % config.log_every_steps == 0:
+                    window.drain()  # every step up to `done` is checked before it is saved
+                if done % config.log_every_steps == 0 or at_end:
+                    last = window.flush()
+                    writer.scalars(done, {**last, "skipped_images": loader.skipped})
+                    progress.set_postfix(
+                        loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}"
+                    )
+                progress.update(1)
+                if images.due(done, at_end):
+                    images.write(writer, done, state)
+                if save_now:
+                    ckpt.save(
+                        done,
+                        state.to_dict(),
+                        {**meta, "data_position": done},
+                        wait=at_end or bool(signals.signum),
+                    )
+                if signals.signum:
+                    raise Interrupted(signals.signum, done, workdir)
+        finally:
+            progress.close()
+            batches.close()
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+    # More than one compilation means something retraced the step (a shape or dtype changed).
+    return {**last, "train_step_compilations": train_step._cache_size()}
+
+
+def _last_good(ckpt, workdir: str) -> str:
+    ckpt.wait()
+    kept = ckpt.latest_step()
+    if kept is None:
+        return "No checkpoint was written yet."
+    return f"The last good checkpoint (step {kept}) is kept in {workdir}."
+
+
+class MetricWindow:
+    """Per-step metrics fetched from the device with one step of lag, checked for NaN/Inf, and
+    averaged over the log window."""
+
+    def __init__(self, batch_size: int, on_diverged):
+        self.batch_size = batch_size
+        self.on_diverged = on_diverged
+        self.pending: tuple[int, dict] | None = None
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.started = time.perf_counter()
+
+    def push(self, step: int, metrics: dict) -> None:
+        """Queue this step's (device) metrics; fetch and check the previous step's."""
+        self.drain()
+        self.pending = (step, metrics)
+
+    def drain(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        bad = [
+            k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(values.get(k, 0.0))
+        ]
+        if bad:
+            raise Diverged(
+                f"{bad[0]} is {values[bad[0]]} at step {step + 1}; stopped. {self.on_diverged()} "
+                "Lower optim.base_lr or set optim.grad_clip_norm, then run again."
+            )
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def flush(self) -> dict[str, float]:
+        """Averages since the last flush, plus images/s over that wall time."""
+        now = time.perf_counter()
+        out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        out["images_per_s"] = self.count * self.batch_size / max(now - self.started, 1e-9)
+        self.sums, self.count, self.started = {}, 0, now
+        return out
+
+
+class ReconstructionImages:
+    """original | masked input | reconstruction, for objectives with a `reconstruct` method.
+
+    Uses the first `num_images` training images, the view's size and normalisation, no random
+    crop, and a fixed mask, so the images of successive steps are comparable.
+    """
+
+    def __init__(self, config, model, views_fn, source, mesh):
+        self.enabled = hasattr(model, "reconstruct") and config.num_images > 0
+        self.every = config.image_every_steps
+        if not self.enabled:
+            return
+        display_fn, self.mean, self.std = display_view(config.views[0], config.data.image_size)
+        count = min(config.num_images, len(source))
+        host = np.stack([source[i][0] for i in range(count)])
+        self.images = jax.device_put(host, sharding.replicated(mesh))
+        key = jax.random.key(config.seed)
+
+        def reconstruct(params, model_state, images):
+            variables = {"params": params, **model_state}
+            return model.apply(
+                variables, display_fn(images, key), method="reconstruct", rngs={"mask": key}
+            )
+
+        self.fn = jax.jit(reconstruct, out_shardings=sharding.replicated(mesh))
+
+    def due(self, step: int, at_end: bool) -> bool:
+        return self.enabled and (at_end or (self.every > 0 and step % self.every == 0))
+
+    def write(self, writer: logs.Writer, step: int, state) -> None:
+        out = self.fn(state.params, state.model_state, self.images)
+        columns = {k: np.asarray(v) * self.std + self.mean for k, v in out.items()}
+        writer.image(step, "reconstruction", logs.image_grid(columns))
+
+
+def display_view(spec: str, image_size: int):
+    """(views_fn, mean, std): `spec`'s output size and normalisation without its random ops, and
+    the per-channel affine map that undoes the normalisation for display."""
+    (shape,) = jax.eval_shape(
+        augment.build([spec]),
+        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8),
+        jax.random.key(0),
+    )
+    normalize = [
+        f"{name}({', '.join([*map(repr, args), *(f'{k}={v!r}' for k, v in kwargs.items())])})"
+        for name, args, kwargs in augment.parse(spec)
+        if name == "normalize"
+    ]
+    views_fn = augment.build(["|".join([f"resize({tuple(shape.shape[1:3])})", *normalize])])
+    # The normalisation is affine per channel: read it off from the images 0 and 1.
+    probe = views_fn(jnp.stack([jnp.zeros((1, 1, 3)), jnp.ones((1, 1, 3))]), jax.random.key(0))[0]
+    zero, one = np.asarray(probe[0, 0, 0]), np.asarray(probe[1, 0, 0])
+    std = 1.0 / (one - zero)
+    return views_fn, -zero * std, std
+
+
+class SignalCatcher:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    from selfsup import cli
+
+    sys.exit(cli.main(["train", *sys.argv[1:]]))

@@ -1,0 +1,161 @@
+"""The training loop end to end: every config's smoke run, resume after a signal, divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from selfsup import checkpoint, data, train
+from selfsup import config as config_lib
+
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py"))
+
+
+def smoke(name: str = "quickstart.py", **overrides) -> config_lib.mlc.ConfigDict:
+    return config_lib.resolve(
+        config_lib.load(str(REPO / "configs" / f"{name}:smoke")),
+        {k: str(v) for k, v in overrides.items()},
+    )
+
+
+def losses(workdir) -> dict[int, float]:
+    lines = Path(workdir, "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_smoke_trains(name, tmp_path):
+    out = train.train_and_evaluate(smoke(name), str(tmp_path))
+    assert np.isfinite(out["loss"])
+    assert out["train_step_compilations"] == 1  # no retrace after the first step
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["objective"]["name"] and saved["batch_size"] > 0
+    assert checkpoint.Manager(tmp_path).latest_step() == saved["total_steps"]
+
+
+def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    config = smoke(total_steps=8, checkpoint_every_steps=100, log_every_steps=1)
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+
+    # Deliver SIGTERM to ourselves while the loader hands out the 4th batch.
+    iterate = data.Loader.iterate
+
+    def iterate_then_signal(self, start_step=0):
+        for i, batch in enumerate(iterate(self, start_step)):
+            if start_step + i == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(data.Loader, "iterate", iterate_then_signal)
+    with pytest.raises(train.Interrupted) as info:
+        train.train_and_evaluate(config, str(tmp_path / "split"))
+    assert info.value.signum == signal.SIGTERM
+    assert checkpoint.Manager(tmp_path / "split").latest_step() == 4
+    monkeypatch.setattr(data.Loader, "iterate", iterate)
+    resumed = train.train_and_evaluate(config, str(tmp_path / "split"))
+
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    assert sorted(losses(tmp_path / "full")) == list(range(1, 9))
+    assert resumed["loss"] == full["loss"]
+    a, _ = checkpoint.restore_params(tmp_path / "full")
+    b, meta = checkpoint.restore_params(tmp_path / "split")
+    assert meta["data_position"] == 8
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train.train_and_evaluate(smoke(total_steps=2), str(tmp_path))
+    with pytest.raises(train.Diverged, match=r"at step 3.*last good checkpoint \(step 2\)"):
+        train.train_and_evaluate(
+            smoke(**{"total_steps": 4, "optim.base_lr": "1e999"}), str(tmp_path)
+        )
+    manager = checkpoint.Manager(tmp_path)
+    assert manager.latest_step() == 2
+    params, _ = checkpoint.restore_params(tmp_path)
+    assert all(np.isfinite(v).all() for v in _flatten(params).values())
+
+
+def test_cli_sigterm_saves_and_the_same_command_resumes(tmp_path):
+    exe = shutil.which("selfsup")
+    assert exe, "the `selfsup` console script is not installed"
+    workdir = tmp_path / "run"
+    cmd = [
+        exe,
+        "train",
+        "--config",
+        "configs/quickstart.py:smoke",
+        "--workdir",
+        str(workdir),
+        "--config.total_steps=100000",
+        "--config.checkpoint_every_steps=100000",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "run the same command to resume" in err.lower()
+    saved = checkpoint.Manager(workdir).latest_step()
+    assert saved is not None and saved >= 3
+
+    # The same command (with a reachable end) continues from the saved step.
+    done = subprocess.run(
+        [*cmd[:-2], f"--config.total_steps={saved + 2}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    steps = sorted(losses(workdir))
+    assert steps[-1] == saved + 2 and steps.count(saved + 1) == 1
+
+
+def test_python_dash_m_train_is_the_cli(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "selfsup.train",
+            "--config",
+            "configs/quickstart.py:smoke",
+            "--workdir",
+            str(tmp_path),
+            "--config.total_steps=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(losses(tmp_path)) == [1, 2]
+    assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v)
+    return out
