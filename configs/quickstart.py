@@ -18,17 +18,17 @@ def get_config(arg=None):
     c = mlc.ConfigDict()
     c.seed = 0
     c.batch_size = 128
-    c.total_steps = 600
+    c.total_steps = 400
     c.log_every_steps = 10
     c.checkpoint_every_steps = 200
     c.image_every_steps = 200
     c.data = dict(source="builtin", name="shapes", image_size=32)
     c.views = ("rrc(32, scale=(0.35, 1.0))|flip|normalize('imagenet')",)
-    c.backbone = dict(name="vit", variant="Ti/4", depth=6)
+    c.backbone = dict(name="vit", variant="Ti/4", depth=4)
     c.objective = dict(
         name="mae", mask_ratio=0.75, decoder_width=128, decoder_depth=2, decoder_heads=4
     )
-    c.optim = dict(base_lr=1.5e-4 * 8, warmup_steps=60, weight_decay=0.05)
+    c.optim = dict(base_lr=1.5e-4 * 8, warmup_steps=40, weight_decay=0.05)
     if arg.smoke:
         c.batch_size = 16
         c.total_steps = 4

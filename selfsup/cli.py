@@ -68,10 +68,15 @@ def _train(args, overrides: dict[str, str]) -> int:
 
     config = config_lib.resolve(config_lib.load(args.config), overrides)
     try:
-        train.train_and_evaluate(config, args.workdir)
+        result = train.train_and_evaluate(config, args.workdir)
     except train.Interrupted as e:
         print(f"selfsup: {e}", file=sys.stderr)
         return 128 + e.signum
+    if "loss" in result:
+        print(
+            f"selfsup: done, loss {result['loss']:.4f}. Logs: tensorboard --logdir {args.workdir}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -313,7 +313,9 @@ class ReconstructionImages:
 
     def write(self, writer: logs.Writer, step: int, state) -> None:
         out = self.fn(state.params, state.model_state, self.images)
-        columns = {k: np.asarray(v) * self.std + self.mean for k, v in out.items()}
+        order = [k for k in ("original", "masked", "reconstruction") if k in out]
+        order += sorted(set(out) - set(order))  # jit returns dicts with sorted keys
+        columns = {k: np.asarray(out[k]) * self.std + self.mean for k in order}
         writer.image(step, "reconstruction", logs.image_grid(columns))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run_python
 
 from selfsup import checkpoint, data, train
 from selfsup import config as config_lib
@@ -149,6 +149,32 @@ def test_python_dash_m_train_is_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(losses(tmp_path)) == [1, 2]
     assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
+    f32 = train.train_and_evaluate(smoke(total_steps=2), str(tmp_path / "f32"))
+    bf16 = train.train_and_evaluate(
+        smoke(total_steps=2, compute_dtype="bfloat16"), str(tmp_path / "bf16")
+    )
+    assert bf16["loss"] != f32["loss"]  # the activations really were bf16
+    np.testing.assert_allclose(bf16["loss"], f32["loss"], rtol=5e-2)
+    params, _ = checkpoint.restore_params(tmp_path / "bf16")
+    assert {v.dtype for v in _flatten(params).values()} == {np.dtype(np.float32)}
+
+
+def test_resume_on_another_mesh_continues_the_same_run(tmp_path):
+    reference = train.train_and_evaluate(smoke(total_steps=4), str(tmp_path / "one"))
+    train.train_and_evaluate(smoke(total_steps=2), str(tmp_path / "moved"))
+    run_python(
+        "from selfsup import train, config as C\n"
+        "cfg = C.resolve(C.load('configs/quickstart.py:smoke'),\n"
+        "                {'total_steps': '4', 'mesh.data': '2', 'mesh.fsdp': '4'})\n"
+        f"train.train_and_evaluate(cfg, {str(tmp_path / 'moved')!r})\n",
+        devices=8,
+    )
+    moved = losses(tmp_path / "moved")
+    assert sorted(moved) == [1, 2, 3, 4]
+    np.testing.assert_allclose(moved[4], reference["loss"], rtol=1e-4)
 
 
 def _flatten(tree, prefix=""):

@@ -5,7 +5,16 @@ gets the encoded tokens plus a shared mask token at every removed position, in r
 with fixed sin-cos position embeddings, and predicts the removed patches' pixels. The loss is
 the MSE on removed patches only, against per-patch normalised pixels (`norm_pix_loss`).
 The target is the images exactly as given to the objective (already normalised by the
-augmentation), as in the official code.
+augmentation), as in the official code (facebookresearch/mae, models_mae.py).
+
+Deviations from the official implementation:
+- mask_ratio 0 gives a loss of 0 where the official code divides 0 by 0 (NaN).
+- Random resized crop and flip run on the device in JAX (selfsup.augment); the resampling
+  matches torchvision's antialiased resize to ~2e-5, the sampled boxes follow the same rule.
+- Mixed precision is optional bf16 compute (`compute_dtype`), not fp16 with loss scaling.
+- Weight decay exclusions are regexes (biases, norms, position embeddings, tokens); the
+  official code excludes every 1-D parameter plus pos_embed / cls_token / mask_token: the same
+  set for this model.
 """
 
 from __future__ import annotations
