@@ -1,14 +1,20 @@
 """`selfsup <command>`: a thin shell over the library. User mistakes print one line, no traceback.
 
-selfsup train --config configs/quickstart.py[:arg,...] --workdir DIR [--config.key=value ...]
+Each command is a module in `selfsup/commands/` with `HELP`, `add_arguments(parser)` and
+`run(args, overrides) -> exit code`, so adding a command is adding one file.
+
+    selfsup train --config configs/quickstart.py[:arg,...] --workdir DIR [--config.key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import pkgutil
 import sys
 
+from selfsup import commands
 from selfsup.errors import UserError
 
 
@@ -18,10 +24,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Self-supervised pretraining in JAX.",
         epilog="Override any config value with --config.key=value (e.g. --config.batch_size=64).",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    train = commands.add_parser("train", help="pretrain (or resume) a model from a config file")
-    train.add_argument("--config", required=True, help="config file, optionally path.py:arg")
-    train.add_argument("--workdir", required=True, help="checkpoints, logs and images go here")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"selfsup.commands.{info.name}")
+        sub = subparsers.add_parser(info.name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     return parser
 
 
@@ -51,33 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
-        if args.command == "train":
-            return _train(args, overrides)
+        return args.run(args, overrides)
     except UserError as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: stop without saving
         print("selfsup: aborted", file=sys.stderr)
         return 130
-    return 0
-
-
-def _train(args, overrides: dict[str, str]) -> int:
-    from selfsup import config as config_lib
-    from selfsup import train
-
-    config = config_lib.resolve(config_lib.load(args.config), overrides)
-    try:
-        result = train.train_and_evaluate(config, args.workdir)
-    except train.Interrupted as e:
-        print(f"selfsup: {e}", file=sys.stderr)
-        return 128 + e.signum
-    if "loss" in result:
-        print(
-            f"selfsup: done, loss {result['loss']:.4f}. Logs: tensorboard --logdir {args.workdir}",
-            file=sys.stderr,
-        )
-    return 0
 
 
 if __name__ == "__main__":

@@ -38,7 +38,13 @@ def init_fn(model, tx: optax.GradientTransformation, example_views: tuple, seed:
     def init() -> TrainState:
         rng = jax.random.key(seed)
         rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(_init_streams(model))}
-        variables = model.init(rngs, example_views, train=False)
+        labels = {"labels": jnp.zeros(example_views[0].shape[:1], jnp.int32)}
+        variables = model.init(
+            rngs,
+            example_views,
+            train=False,
+            **(labels if getattr(model, "needs_labels", False) else {}),
+        )
         params = variables.pop("params")
         return TrainState(
             step=jnp.zeros((), jnp.int32),

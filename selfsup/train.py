@@ -55,27 +55,29 @@ def stream_keys(seed: int, step: jax.Array) -> dict[str, jax.Array]:
     return {name: jax.random.fold_in(rng, zlib.crc32(name.encode())) for name in STREAMS}
 
 
-def build_model(config: mlc.ConfigDict):
-    """The objective (with its backbone) in the config's compute dtype."""
+def build_model(config: mlc.ConfigDict, num_classes: int | None = None):
+    """The objective (with its backbone) in the config's compute dtype; an objective with a
+    `num_classes` field left unset gets the dataset's `num_classes`."""
     objective, backbone = dict(config.objective), dict(config.backbone)
     if config.compute_dtype == "bfloat16":
         objective.setdefault("dtype", jnp.bfloat16)
         backbone.setdefault("dtype", jnp.bfloat16)
-    return objectives.build(objective, backbone)
+    return objectives.build(objective, backbone, num_classes=num_classes)
 
 
 def make_grad_fn(model, views_fn, seed: int):
     """grad_fn(state, batch) -> (loss, metrics, grads, model_updates) for one global batch."""
-    mutable = tuple(getattr(model, "mutable", ()))
 
     def grad_fn(state: state_lib.TrainState, batch: dict):
         keys = stream_keys(seed, state.step)
         views = views_fn(batch["image"], keys.pop("augment"))
+        labels = {"labels": batch["label"]} if getattr(model, "needs_labels", False) else {}
+        mutable = tuple(state.model_state)  # every non-parameter collection (e.g. batch_stats)
 
         def loss_fn(params):
             variables = {"params": params, **state.model_state}
             (loss, metrics), updates = model.apply(
-                variables, views, train=True, rngs=keys, mutable=mutable
+                variables, views, train=True, rngs=keys, mutable=mutable, **labels
             )
             return loss, (metrics, updates)
 
@@ -143,7 +145,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
     optim_config.warmup_steps = warmup_steps
     tx, schedule = optim.build(optim_config, batch_size=config.batch_size, total_steps=total_steps)
 
-    model = build_model(config)
+    model = build_model(config, source.num_classes)
     views_fn = augment.build(config.views)
     size = config.data.image_size
     example_views = jax.eval_shape(

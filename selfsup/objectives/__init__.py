@@ -9,6 +9,7 @@ Found by module name (`config.objective.name = "mae"`), so adding one is adding 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any
 
@@ -18,8 +19,12 @@ from selfsup import backbones
 from selfsup.errors import UserError
 
 
-def build(objective: dict[str, Any], backbone: dict[str, Any]) -> nn.Module:
-    """The objective module from the config's `objective` and `backbone` dicts."""
+def build(objective: dict[str, Any], backbone: dict[str, Any], **defaults: Any) -> nn.Module:
+    """The objective module from the config's `objective` and `backbone` dicts.
+
+    `defaults` (e.g. the dataset's num_classes) fill the objective's fields that exist and that
+    the config leaves unset or zero.
+    """
     objective = dict(objective)
     backbone = dict(backbone)
     name = objective.pop("name")
@@ -29,6 +34,10 @@ def build(objective: dict[str, Any], backbone: dict[str, Any]) -> nn.Module:
         if e.name != f"selfsup.objectives.{name}":
             raise
         raise UserError(f"config.objective.name: unknown objective '{name}'") from None
+    fields = {f.name for f in dataclasses.fields(module.Objective)}
+    for key, value in defaults.items():
+        if key in fields and not objective.get(key):
+            objective[key] = value
     net = backbones.build(backbone.pop("name"), **backbone)
     return backbones.construct(
         module.Objective, objective, f"config.objective ({name})", backbone=net
