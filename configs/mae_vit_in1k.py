@@ -1,6 +1,6 @@
 """MAE pretraining of ViT on ImageNet-1k, the recipe of He et al. 2021 (Table 8 / A.1).
 
-    selfsup train --config configs/mae_vit_in1k.py:variant=B/16 --workdir gs://bucket/mae_b16 \
+    selfsup train --config configs/mae_vit_in1k.py:variant=B/16 --workdir /mnt/shared/mae_b16 \
         --config.data.data_dir=/path/to/tensorflow_datasets
 
 1600 epochs, batch 4096, AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4 scaled by batch / 256,

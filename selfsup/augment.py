@@ -9,6 +9,11 @@ randomness split their key into B keys and vmap (see `per_sample`).
 Geometry follows torchvision: `random_resized_crop` samples boxes as `RandomResizedCrop` does and
 resamples them with antialiasing as crop-then-`resize(antialias=True)` does; `resize(int)` sets
 the shorter side. Values stay float (no rounding to uint8, no clipping of bicubic overshoot).
+The colour and filter ops (`color_jitter`, `grayscale`, `blur`, `solarize`) live in
+`augment_color.py` and register here on import.
+
+Views may differ in size: SwAV's multi-crop is several specs (`multi_crop` writes them), and
+asymmetric settings (BYOL's blur p 1.0 / 0.1, solarize 0 / 0.2) are simply different specs.
 """
 
 from __future__ import annotations
@@ -74,6 +79,34 @@ def build(view_specs: Sequence[str]) -> Callable[[jax.Array, jax.Array], tuple[j
         return tuple(out)
 
     return views_fn
+
+
+def multi_crop(
+    global_spec: str | Sequence[str],
+    local_spec: str | Sequence[str],
+    n_global: int = 2,
+    n_local: int = 6,
+) -> list[str]:
+    """SwAV's multi-crop as view specs: `n_global` global views, then `n_local` local ones.
+
+    A spec string is repeated; a sequence gives one spec per view (e.g. BYOL's asymmetric pair)
+    and must have `n_global` (or `n_local`) entries. SwAV at 224 px:
+    `multi_crop("rrc(224, scale=(0.14, 1))|...", "rrc(96, scale=(0.05, 0.14))|...", 2, 6)`;
+    scaled down for 32 px images, 2 x 32 + 6 x 16.
+    """
+    out = []
+    for spec, n, kind in ((global_spec, n_global, "global"), (local_spec, n_local, "local")):
+        if isinstance(n, bool) or not isinstance(n, int) or n < (1 if kind == "global" else 0):
+            raise UserError(
+                f"multi_crop: n_{kind} must be an int >= {int(kind == 'global')}, got {n!r}"
+            )
+        specs = [spec] * n if isinstance(spec, str) else list(spec)
+        if len(specs) != n or not all(isinstance(s, str) for s in specs):
+            raise UserError(
+                f"multi_crop: {kind}_spec must be a spec string or {n} spec strings, got {spec!r}"
+            )
+        out += specs
+    return out
 
 
 def to_float(images: jax.Array) -> jax.Array:
@@ -428,3 +461,7 @@ def _channels(value: Any, name: str) -> tuple[float, ...]:
     ):
         return tuple(float(v) for v in value)
     raise UserError(f"normalize: {name} must be a number or a tuple of numbers, got {value!r}")
+
+
+# The colour and filter ops register themselves in OPS (after everything they import from here).
+from selfsup import augment_color  # noqa: E402, F401

@@ -259,6 +259,19 @@ def restore_params(workdir: str | os.PathLike, step: int | None = None) -> tuple
     The tree structure, shapes and dtypes come from the checkpoint itself; only the `params`
     subtree is read. For evaluation and export.
     """
+    trees, meta = restore_tree(workdir, ("params",), step)
+    return trees["params"], meta
+
+
+def restore_tree(
+    workdir: str | os.PathLike, keys: tuple[str, ...] = ("params",), step: int | None = None
+) -> tuple[dict, dict]:
+    """Reads `({key: subtree}, meta)` for top-level state `keys` (e.g. "params", "model_state")
+    of `step` (latest when None) as host NumPy, without devices.
+
+    Structure, shapes and dtypes come from the checkpoint; an empty subtree (a model without
+    mutable collections) comes back as {}. A key the checkpoint lacks is a UserError.
+    """
     directory = _directory(workdir)
     if not directory.is_dir():
         raise _no_checkpoint(directory)
@@ -274,19 +287,23 @@ def restore_params(workdir: str | os.PathLike, step: int | None = None) -> tuple
             stored = mngr.item_metadata(step)["state"].tree
         except Exception as e:
             raise _unreadable(step_dir, e, list(mngr.all_steps())) from e
-        if not isinstance(stored, dict) or "params" not in stored:
+        missing = [k for k in keys if not isinstance(stored, dict) or k not in stored]
+        if missing:
             raise UserError(
-                f"checkpoint {step_dir} holds no params: pass the workdir of a training run"
+                f"checkpoint {step_dir} holds no {missing[0]}: pass the workdir of a training run"
             )
-        item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored["params"])
+        # Orbax has nothing to read for an empty subtree; it is returned as {} below.
+        item = {
+            k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored[k])
+            for k in keys
+            if jax.tree.leaves(stored[k])
+        }
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        args = ocp.args.PyTreeRestore(
-            item={"params": item}, restore_args={"params": as_numpy}, partial_restore=True
-        )
+        args = ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True)
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(state=args))
+            restored = mngr.restore(step, args=ocp.args.Composite(state=args)).state if item else {}
         except Exception as e:
             raise _unreadable(step_dir, e, list(mngr.all_steps())) from e
     finally:
         mngr.close()
-    return restored.state["params"], meta
+    return {k: restored.get(k, {}) for k in keys}, meta

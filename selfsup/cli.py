@@ -4,6 +4,9 @@ Each command is a module in `selfsup/commands/` with `HELP`, `add_arguments(pars
 `run(args, overrides) -> exit code`, so adding a command is adding one file.
 
     selfsup train --config configs/quickstart.py[:arg,...] --workdir DIR [--config.key=value ...]
+
+Every command first joins its multi-process run, if any (`--coordinator`, `--num-processes`,
+`--process-id`, `--distributed`; see selfsup/distributed.py).
 """
 
 from __future__ import annotations
@@ -14,8 +17,23 @@ import logging
 import pkgutil
 import sys
 
-from selfsup import commands
+from selfsup import commands, distributed
 from selfsup.errors import UserError
+
+
+def _distributed_flags() -> argparse.ArgumentParser:
+    """Flags every command takes to join a multi-process run (see selfsup/distributed.py)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("multi-process runs (default: from the environment)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1")
+    group.add_argument(
+        "--distributed",
+        choices=distributed.MODES,
+        help="auto: detect SLURM and TPU pods (the default); off: a single process",
+    )
+    return parent
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,9 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Override any config value with --config.key=value (e.g. --config.batch_size=64).",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    flags = _distributed_flags()
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"selfsup.commands.{info.name}")
-        sub = subparsers.add_parser(info.name, help=module.HELP, description=module.HELP)
+        sub = subparsers.add_parser(
+            info.name, help=module.HELP, description=module.HELP, parents=[flags]
+        )
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
@@ -59,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
+        distributed.initialize(
+            args.coordinator, args.num_processes, args.process_id, mode=args.distributed
+        )
         return args.run(args, overrides)
     except UserError as e:
         print(f"selfsup: error: {e}", file=sys.stderr)

@@ -56,7 +56,11 @@ def defaults() -> mlc.ConfigDict:
             "b2": 0.95,
             "eps": 1e-8,
             "weight_decay": 0.05,
+            "weight_decay_end": None,  # a number: cosine from weight_decay to it (SparK, DINO)
             "no_decay": (r".*/bias$", r".*/scale$", r".*(pos_embed|cls_token|mask_token).*"),
+            "momentum": 0.9,  # sgd, lars, lars_simclr
+            "trust_coefficient": 1e-3,  # LARS' eta
+            "lars_exclude": None,  # LARS/LAMB: regexes not trust-ratio adapted; None: no_decay
             "schedule": "cosine",
             "min_lr": 0.0,
             "warmup_steps": 0,
@@ -64,6 +68,7 @@ def defaults() -> mlc.ConfigDict:
             "grad_clip_norm": 0.0,
             "lr_mults": (),
             "frozen": (),
+            "frozen_until": (),  # (regex, steps): frozen for the first `steps` steps (SwAV)
         }
     )
     return c

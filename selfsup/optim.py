@@ -3,18 +3,42 @@
 Parameter subsets are addressed by regexes over '/'-joined key paths
 ("backbone/blocks_0/attn/qkv/kernel"), matched with `re.fullmatch`, first match winning:
 `no_decay` (no weight decay), `frozen` (zero updates, no optimiser state, outside the clipping
-norm) and `lr_mults` (per-parameter LR multipliers). The chain for trainable parameters is
+norm), `lr_mults` (per-parameter LR multipliers) and `lars_exclude` (no trust-ratio adaptation in
+LARS and LAMB; None: the `no_decay` regexes). The chain for trainable parameters is
 clip-by-global-norm -> optimiser (its LR from the schedule) -> LR multipliers.
 
-An optimiser is one function `(cfg, schedule, decay_mask) -> GradientTransformation` in
-`OPTIMIZERS`, so LARS and LAMB slot in beside AdamW and SGD.
+An optimiser is one function `(cfg, Hyper) -> GradientTransformation` in `OPTIMIZERS`:
+
+- `adamw`: decoupled weight decay (optax.adamw, as torch.optim.AdamW).
+- `sgd`: momentum SGD with L2 decay added to the gradient (torch.optim.SGD).
+- `lars_simclr`: LARS as SimCLR's TF implementation (You et al. 2017; Chen et al. 2020), the LR
+  inside the momentum: v = m v + lr * trust * (g + wd w); w -= v.
+- `lars`: LARS as Barlow Twins' and BYOL's implementations, the LR after the momentum:
+  v = m v + trust * (g + wd w); w -= lr * v.
+  Both: trust = eta ||w|| / ||g + wd w|| per parameter array (1 where a norm is 0), eta =
+  `trust_coefficient` (1e-3). The variants differ while the LR changes (warmup, cosine).
+  Barlow Twins' separate bias/BN LR (0.0048 vs 0.2 x batch/256) is
+  `lr_mults=((r".*/bias$", 0.024), (r".*/scale$", 0.024))` with `base_lr=0.2`.
+- `lamb`: LAMB (You et al. 2020) as timm's Lamb, which SparK uses: u = Adam's bias-corrected
+  step + wd w, scaled by ||w|| / ||u|| per parameter array (1 where a norm is 0) except for the
+  `lars_exclude` parameters (timm adapts only its weight-decayed group); w -= lr * that.
+
+`frozen_until` is a list of (regex, steps): those parameters are frozen for the first `steps`
+steps, then train (SwAV's prototypes, frozen for the first epoch). While held, they get no update,
+their optimiser state does not change (as a PyTorch parameter whose .grad is None), and they are
+left out of the clipping norm; integer counters (the LR schedule's) advance, so the LR is the
+global schedule's (for Adam, the bias correction also counts from step 0: a deviation from
+PyTorch's per-parameter step count).
+
+`weight_decay_end` (None: constant) makes the weight decay a cosine from `weight_decay` at step 0
+to `weight_decay_end` at the last step, for every optimiser (SparK: 0.04 -> 0.2, DINO-style).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,28 +112,77 @@ def make_schedule(
 # Optimisers: one function each.
 
 
-def _adamw(cfg: dict, lr: Schedule, decay_mask: Callable) -> optax.GradientTransformation:
+class Hyper(NamedTuple):
+    """What `build` resolves for an optimiser: schedules and masks (mask(params) -> bool tree)."""
+
+    lr: Schedule
+    weight_decay: float | Schedule  # a schedule when config.optim.weight_decay_end is set
+    decay_mask: Callable[[Any], Any]  # True: weight-decayed
+    adapt_mask: Callable[[Any], Any]  # True: trust-ratio adapted (LARS, LAMB)
+
+
+def _adamw(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
     return optax.adamw(
-        lr,
+        hp.lr,
         b1=cfg.get("b1", 0.9),
         b2=cfg.get("b2", 0.95),
         eps=cfg.get("eps", 1e-8),
-        weight_decay=cfg.get("weight_decay", 0.05),
-        mask=decay_mask,
+        weight_decay=hp.weight_decay,
+        mask=hp.decay_mask,
     )
 
 
-def _sgd(cfg: dict, lr: Schedule, decay_mask: Callable) -> optax.GradientTransformation:
+def _sgd(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
     # L2 decay added to the gradient before momentum, as torch.optim.SGD's weight_decay.
     return optax.chain(
-        optax.add_decayed_weights(cfg.get("weight_decay", 0.05), decay_mask),
-        optax.sgd(lr, momentum=0.9, nesterov=False),
+        optax.add_decayed_weights(hp.weight_decay, hp.decay_mask),
+        optax.sgd(hp.lr, momentum=cfg.get("momentum", 0.9), nesterov=False),
     )
 
 
-OPTIMIZERS: dict[str, Callable[[dict, Schedule, Callable], optax.GradientTransformation]] = {
+def _trust_ratio(hp: Hyper, coefficient: float) -> optax.GradientTransformation:
+    # eps 0: the ratio is eta ||w|| / ||u||, and 1 where either norm is 0 (optax's safe form).
+    return optax.masked(optax.scale_by_trust_ratio(trust_coefficient=coefficient), hp.adapt_mask)
+
+
+def _lars_simclr(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
+    # scale_by_learning_rate before trace: the LR enters the momentum buffer (v = m v + lr u).
+    return optax.chain(
+        optax.add_decayed_weights(hp.weight_decay, hp.decay_mask),
+        _trust_ratio(hp, cfg.get("trust_coefficient", 1e-3)),
+        optax.scale_by_learning_rate(hp.lr),
+        optax.trace(decay=cfg.get("momentum", 0.9), nesterov=False),
+    )
+
+
+def _lars(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
+    # trace before scale_by_learning_rate: the buffer holds trust-scaled steps, lr multiplies it.
+    return optax.chain(
+        optax.add_decayed_weights(hp.weight_decay, hp.decay_mask),
+        _trust_ratio(hp, cfg.get("trust_coefficient", 1e-3)),
+        optax.trace(decay=cfg.get("momentum", 0.9), nesterov=False),
+        optax.scale_by_learning_rate(hp.lr),
+    )
+
+
+def _lamb(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
+    # optax.lamb adapts every parameter; timm's Lamb (SparK) skips its no-decay group: the mask.
+    return optax.chain(
+        optax.scale_by_adam(
+            b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95), eps=cfg.get("eps", 1e-8)
+        ),
+        optax.add_decayed_weights(hp.weight_decay, hp.decay_mask),
+        _trust_ratio(hp, 1.0),
+        optax.scale_by_learning_rate(hp.lr),
+    )
+
+
+OPTIMIZERS: dict[str, Callable[[dict, Hyper], optax.GradientTransformation]] = {
     "adamw": _adamw,
     "sgd": _sgd,
+    "lars_simclr": _lars_simclr,
+    "lars": _lars,
+    "lamb": _lamb,
 }
 
 
@@ -161,27 +234,57 @@ def build(
 
     no_decay = _regexes(cfg.get("no_decay", DEFAULT_NO_DECAY), "no_decay")
     frozen = _regexes(cfg.get("frozen", ()), "frozen")
+    lars_exclude = cfg.get("lars_exclude")
+    lars_exclude = no_decay if lars_exclude is None else _regexes(lars_exclude, "lars_exclude")
     lr_mults = _mult_rules(cfg.get("lr_mults", ()))
     decay_rules = [(r, False) for r in (*no_decay, *frozen)]
-
-    def decay_mask(params: Any) -> Any:
-        return path_labels(params, decay_rules, True)
+    adapt_rules = [(r, False) for r in (*lars_exclude, *frozen)]
+    hyper = Hyper(
+        lr=schedule,
+        weight_decay=_weight_decay(cfg, total_steps),
+        decay_mask=lambda params: path_labels(params, decay_rules, True),
+        adapt_mask=lambda params: path_labels(params, adapt_rules, True),
+    )
+    for key in ("momentum", "trust_coefficient"):
+        value = cfg.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise UserError(f"config.optim.{key} must be a number >= 0, got {value!r}")
 
     chain = []
     clip = cfg.get("grad_clip_norm")
     if clip:
         chain.append(optax.clip_by_global_norm(clip))
-    chain.append(OPTIMIZERS[name](cfg, schedule, decay_mask))
+    chain.append(OPTIMIZERS[name](cfg, hyper))
     if lr_mults:
         chain.append(_scale_by_path(lr_mults))
-    tx = optax.multi_transform(
-        {"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
-        lambda params: path_labels(params, [(r, "frozen") for r in frozen], "train"),
-    )
+    held = _hold_rules(cfg.get("frozen_until", ()))
+    if held:
+        # Clipping goes outside, over the gradients left after zeroing frozen and held ones.
+        clip_tx = chain[:-1] if not lr_mults else chain[:-2]
+        parts = chain[len(clip_tx) :]
+        group_rules = [(r, "frozen") for r in frozen] + [
+            (r, f"held_{i}") for i, (r, _) in enumerate(held)
+        ]
+        groups = {"train": optax.chain(*parts), "frozen": optax.set_to_zero()}
+        for i, (_, steps) in enumerate(held):
+            groups[f"held_{i}"] = _hold_until(optax.chain(*parts), steps)
+        labels = lambda params: path_labels(params, group_rules, "train")  # noqa: E731
+        tx = optax.chain(
+            _zero_inactive(labels, {f"held_{i}": s for i, (_, s) in enumerate(held)}),
+            *clip_tx,
+            optax.multi_transform(groups, labels),
+        )
+    else:
+        tx = optax.multi_transform(
+            {"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
+            lambda params: path_labels(params, [(r, "frozen") for r in frozen], "train"),
+        )
     checked = {
         "no_decay": [r for r in no_decay if r not in DEFAULT_NO_DECAY],
+        "lars_exclude": [r for r in lars_exclude if r not in (*DEFAULT_NO_DECAY, *no_decay)],
         "frozen": list(frozen),
         "lr_mults": [r for r, _ in lr_mults],
+        "frozen_until": [r for r, _ in held],
     }
 
     def init(params: Any) -> Any:
@@ -196,6 +299,20 @@ def build(
         return tx.init(params)
 
     return optax.GradientTransformationExtraArgs(init, tx.update), schedule
+
+
+def _weight_decay(cfg: dict, total_steps: int) -> float | Schedule:
+    """The weight decay: a constant, or a cosine to `weight_decay_end` over the whole run."""
+    wd, end = cfg.get("weight_decay", 0.05), cfg.get("weight_decay_end")
+    for key, value in (("weight_decay", wd), ("weight_decay_end", end)):
+        if value is None and key == "weight_decay_end":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise UserError(f"config.optim.{key} must be a number >= 0, got {value!r}")
+    if end is None:
+        return wd
+    # make_schedule's cosine without warmup: wd at step 0, `end` at total_steps (either order).
+    return make_schedule("cosine", wd, warmup_steps=0, total_steps=total_steps, min_lr=end)
 
 
 def _regexes(value: Any, key: str) -> tuple[str, ...]:
@@ -238,5 +355,72 @@ def _scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransfor
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         mults = path_labels(updates, rules, 1.0)
         return jax.tree.map(lambda u, m: u * m, updates, mults), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _hold_rules(value: Any) -> tuple[tuple[str, int], ...]:
+    rules = []
+    for rule in value or ():
+        if (
+            isinstance(rule, str)
+            or len(rule) != 2
+            or isinstance(rule[1], bool)
+            or not isinstance(rule[1], int)
+            or rule[1] < 0
+        ):
+            raise UserError(
+                "config.optim.frozen_until: each entry must be (regex, steps >= 0), e.g. "
+                f"('prototypes', 5005); got {rule!r}"
+            )
+        _compile(rule[0], "frozen_until")
+        rules.append((rule[0], int(rule[1])))
+    return tuple(rules)
+
+
+class HoldState(NamedTuple):
+    count: jax.Array  # steps seen
+    inner: Any
+
+
+def _hold_until(inner: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+    """`inner` from step `steps` on; before, zero updates and unchanged float state."""
+
+    def init(params: Any) -> HoldState:
+        return HoldState(jnp.zeros((), jnp.int32), inner.init(params))
+
+    def update(updates: Any, state: HoldState, params: Any = None) -> tuple[Any, HoldState]:
+        new_updates, new_inner = inner.update(updates, state.inner, params)
+        active = state.count >= steps
+
+        def keep(new: jax.Array, old: jax.Array) -> jax.Array:
+            # Integer leaves are step counters (schedules): they advance while held.
+            if jnp.issubdtype(new.dtype, jnp.integer):
+                return new
+            return jnp.where(active, new, old)
+
+        out = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
+        inner_state = jax.tree.map(keep, new_inner, state.inner)
+        return out, HoldState(optax.safe_increment(state.count), inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _zero_inactive(labels: Callable[[Any], Any], held: dict[str, int]):
+    """Zero the gradients of frozen parameters and of held ones before their step."""
+
+    def init(params: Any) -> optax.ScaleByScheduleState:
+        return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        def zero(label: str, g: jax.Array) -> jax.Array:
+            if label == "frozen":
+                return jnp.zeros_like(g)
+            if label in held:
+                return jnp.where(state.count >= held[label], g, jnp.zeros_like(g))
+            return g
+
+        out = jax.tree.map(zero, labels(updates), updates)
+        return out, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init, update)

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from selfsup import augment, checkpoint, data, logs, objectives, optim, sharding
+from selfsup import augment, checkpoint, data, distributed, logs, objectives, optim, sharding
 from selfsup import config as config_lib
 from selfsup import state as state_lib
 from selfsup.errors import UserError
@@ -161,6 +161,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
     state, state_shardings = state_lib.create(
         model, tx, example_views, config.seed, mesh, config.param_sharding
     )
+    # Read from the arrays' shardings: shrinks with the fsdp axis.
+    memory_mib = sharding.bytes_per_device((state.params, state.opt_state)) / 2**20
+    if is_main:
+        print(f"selfsup: params+optimizer: {memory_mib:.1f} MiB per device", file=sys.stderr)
 
     ckpt = checkpoint.Manager(workdir, keep=config.keep_checkpoints)
     if ckpt.latest_step() is not None:
@@ -187,6 +191,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
         total=total_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True
     )
     window = MetricWindow(config.batch_size, on_diverged=lambda: _last_good(ckpt, workdir))
+    stop_vote = distributed.StopVote()
+    first_log = {"params_optimizer_mib_per_device": memory_mib}
     last: dict[str, float] = {}
     batches = loader.iterate(start_step=start)
     with SignalCatcher() as signals:
@@ -199,14 +205,18 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
                 state, metrics = train_step(state, batch)
                 # Fetch the previous step's metrics while this one runs (one step of lag).
                 window.push(step, metrics)
+                # All processes stop at the same step, even if only some got the signal.
+                signum = stop_vote(signals.signum)
                 done = step + 1
                 at_end = done == total_steps
-                save_now = done % config.checkpoint_every_steps == 0 or at_end or signals.signum
+                save_now = done % config.checkpoint_every_steps == 0 or at_end or signum
                 if save_now or done % config.log_every_steps == 0:
                     window.drain()  # every step up to `done` is checked before it is saved
                 if done % config.log_every_steps == 0 or at_end:
                     last = window.flush()
-                    writer.scalars(done, {**last, "skipped_images": loader.skipped})
+                    skipped = distributed.sum_over_processes(loader.skipped)
+                    writer.scalars(done, {**last, **first_log, "skipped_images": skipped})
+                    first_log = {}
                     progress.set_postfix(
                         loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}"
                     )
@@ -218,10 +228,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
                         done,
                         state.to_dict(),
                         {**meta, "data_position": done},
-                        wait=at_end or bool(signals.signum),
+                        wait=at_end or bool(signum),
                     )
-                if signals.signum:
-                    raise Interrupted(signals.signum, done, workdir)
+                if signum:
+                    raise Interrupted(signum, done, workdir)
         finally:
             progress.close()
             batches.close()

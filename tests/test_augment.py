@@ -1,5 +1,6 @@
 """Augmentation ops against NumPy float64 references of torchvision's documented behaviour."""
 
+import colorsys
 import math
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfsup import augment
+from selfsup import augment, augment_color
 from selfsup.errors import UserError
 
 B, H, W = 4, 24, 32  # one image shape for most tests keeps the eager compiles few
@@ -344,3 +345,319 @@ def test_rrc_box_mean_area_matches_torchvision_sampling():
     boxes = np.asarray(augment.crop_boxes(jax.random.key(9), 32, 32, (0.5, 0.5), (1, 1), 100))
     side = int(round(math.sqrt(0.5 * 32 * 32)))
     assert (boxes[:, 2] == side).all() and (boxes[:, 3] == side).all()
+
+
+# --- colour and filter ops (augment_color) ----------------------------------------------------
+# NumPy float64 references written from torchvision's documented formulas: blend(a, b, f) =
+# clip(f a + (1 - f) b, 0, 1) with b = 0 (brightness), the image's mean luma (contrast) or the
+# per-pixel luma (saturation); hue through `colorsys`; blur as a separable convolution with
+# reflect padding.
+
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, written out independently of the code
+
+
+def _np_gray(x):
+    return np.asarray(x, np.float64) @ LUMA
+
+
+def _np_blend(x, ref, f):
+    return np.clip(f * np.asarray(x, np.float64) + (1 - f) * ref, 0.0, 1.0)
+
+
+def _np_brightness(x, f):
+    return _np_blend(x, 0.0, f)
+
+
+def _np_contrast(x, f):
+    return _np_blend(x, _np_gray(x).mean(), f)
+
+
+def _np_saturation(x, f):
+    return _np_blend(x, _np_gray(x)[..., None], f)
+
+
+def _np_hue(x, shift):
+    flat = np.asarray(x, np.float64).reshape(-1, 3)
+    out = np.empty_like(flat)
+    for i, (r, g, b) in enumerate(flat):
+        h, s, v = colorsys.rgb_to_hsv(r, g, b)
+        out[i] = colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
+    return out.reshape(np.shape(x))
+
+
+_NP_JITTER = (_np_brightness, _np_contrast, _np_saturation, _np_hue)
+
+
+def _np_blur(image, sigma, size):
+    half = size // 2
+    k = np.exp(-0.5 * ((np.arange(size) - half) / sigma) ** 2)
+    k /= k.sum()
+    padded = np.pad(np.asarray(image, np.float64), ((half, half), (half, half), (0, 0)), "reflect")
+    h, w = image.shape[:2]
+    rows = sum(k[i] * padded[i : i + h] for i in range(size))
+    return sum(k[i] * rows[:, i : i + w] for i in range(size))
+
+
+def _eager_and_jit(op, x, key):
+    """Run an op eagerly and inside an outer jit; they must agree. Returns the eager result."""
+    eager = np.asarray(op(jnp.asarray(x), key))
+    jitted = np.asarray(jax.jit(op)(jnp.asarray(x), key))
+    np.testing.assert_allclose(eager, jitted, atol=1e-6)
+    return eager
+
+
+def _tricky_pixels():
+    """Gray pixels, channel ties, primaries, black and white beside random colours: [2, 8, 8, 3]."""
+    x = _images(seed=5, shape=(2, 8, 8, 3))
+    special = [
+        (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (0.3, 0.3, 0.3), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0),
+        (0.0, 0.0, 1.0), (0.7, 0.7, 0.2), (0.2, 0.7, 0.7), (0.7, 0.2, 0.7), (0.5, 0.25, 0.0),
+    ]  # fmt: skip
+    x[0].reshape(-1, 3)[: len(special)] = special  # a view: writes into x
+    return x
+
+
+def test_rgb_to_hsv_and_back_against_colorsys():
+    x = _tricky_pixels()
+    hsv = np.asarray(augment_color.rgb_to_hsv(jnp.asarray(x)))
+    want = np.array([colorsys.rgb_to_hsv(*p) for p in x.reshape(-1, 3).astype(np.float64)])
+    np.testing.assert_allclose(hsv.reshape(-1, 3), want, atol=2e-6)
+    back = augment_color.hsv_to_rgb(jnp.asarray(want.reshape(x.shape), jnp.float32))
+    np.testing.assert_allclose(back, x, atol=2e-6)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.1, -0.1, 0.37, -0.5, 0.5])
+def test_adjust_hue_against_colorsys(shift):
+    x = _tricky_pixels()
+    np.testing.assert_allclose(
+        augment_color.adjust_hue(jnp.asarray(x), shift), _np_hue(x, shift), atol=3e-6
+    )
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.35, 1.0, 1.8])
+def test_brightness_contrast_saturation_against_numpy(factor):
+    x = _images()
+    for fn, ref in [
+        (augment_color.adjust_brightness, _np_brightness),
+        (augment_color.adjust_contrast, _np_contrast),
+        (augment_color.adjust_saturation, _np_saturation),
+    ]:
+        got = jax.vmap(lambda im, fn=fn: fn(im, factor))(jnp.asarray(x))  # one image at a time
+        for b in range(B):
+            np.testing.assert_allclose(got[b], ref(x[b], factor), atol=2e-6, err_msg=fn.__name__)
+    if factor == 1.8:  # the clip to [0, 1] really acts here
+        assert (_np_brightness(x, factor) == 1.0).any()
+
+
+def test_grayscale_weights_against_numpy():
+    x = _images()
+    key = jax.random.key(0)
+    gray = np.repeat(_np_gray(x)[..., None], 3, axis=-1)
+    np.testing.assert_allclose(
+        _eager_and_jit(augment_color.grayscale(1.0), x, key), gray, atol=1e-6
+    )
+    np.testing.assert_array_equal(_eager_and_jit(augment_color.grayscale(0.0), x, key), x)
+    # p=0.3 per sample: each output is the image or its grayscale; the rate is near p.
+    x = _images(shape=(400, 2, 2, 3))
+    out = _eager_and_jit(augment_color.grayscale(0.3), x, jax.random.key(1))
+    gray = np.repeat(_np_gray(x)[..., None], 3, axis=-1)
+    is_gray = np.array([np.allclose(o, g, atol=1e-6) for o, g in zip(out, gray, strict=True)])
+    is_same = np.array([np.array_equal(o, xi) for o, xi in zip(out, x, strict=True)])
+    assert (is_gray ^ is_same).all()
+    assert abs(is_gray.mean() - 0.3) < 0.08
+
+
+def test_solarize_against_numpy():
+    x = _images()
+    x[0, 0, :4, 0] = [0.5, 0.4999, 0.5001, 0.8]  # 0.8 at threshold 0.8 is inverted (>=)
+    key = jax.random.key(0)
+    want = np.where(x >= 0.5, 1.0 - x, x)
+    np.testing.assert_allclose(_eager_and_jit(augment_color.solarize(1.0), x, key), want, atol=1e-7)
+    np.testing.assert_array_equal(_eager_and_jit(augment_color.solarize(0.0), x, key), x)
+    out = _eager_and_jit(augment_color.solarize(1.0, threshold=0.8), x, key)
+    np.testing.assert_allclose(out, np.where(x >= 0.8, 1.0 - x, x), atol=1e-7)
+    x = _images(shape=(400, 2, 2, 3))
+    out = _eager_and_jit(augment_color.solarize(0.2), x, jax.random.key(3))
+    solarized = np.isclose(out, np.where(x >= 0.5, 1 - x, x)).all(axis=(1, 2, 3))
+    same = (out == x).all(axis=(1, 2, 3))
+    assert (solarized ^ same).all() and abs(solarized.mean() - 0.2) < 0.07
+
+
+def _jitter_reference(x, params, enabled):
+    """NumPy ColorJitter: per sample, the ops in the drawn order with the drawn factors."""
+    out = np.asarray(x, np.float64).copy()
+    apply, order, factors = (np.asarray(a) for a in params)
+    for b in range(len(out)):
+        if not apply[b]:
+            continue
+        for op in order[b]:
+            if enabled[op]:
+                out[b] = _NP_JITTER[op](out[b], float(factors[b, op]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs, ranges, enabled",
+    [
+        # SimCLR's strength s: (0.8s, 0.8s, 0.8s, 0.2s); torchvision turns a number v into
+        # (max(0, 1 - v), 1 + v) and hue h into (-h, h).
+        ({"strength": 0.5}, ((0.6, 1.4),) * 3 + ((-0.1, 0.1),), (True,) * 4),
+        # 0 switches an op off (torchvision's None); pairs are taken as given.
+        (
+            {"brightness": 0, "contrast": 0.9, "saturation": (0.2, 0.3), "hue": 0},
+            ((1, 1), (0.1, 1.9), (0.2, 0.3), (0, 0)),
+            (False, True, True, False),
+        ),
+    ],
+)
+def test_color_jitter_against_numpy(kwargs, ranges, enabled):
+    x = _images(seed=2, shape=(12, 6, 7, 3))
+    key = jax.random.key(4)
+    op = augment_color.color_jitter(**kwargs, p=0.75)
+    if enabled[0]:
+        out = _eager_and_jit(op, x, key)
+    else:
+        out = np.asarray(op(jnp.asarray(x), key))
+    params = augment_color.jitter_params(key, 12, ranges, 0.75)
+    assert 0 < np.asarray(params.apply).sum() < 12  # both branches of RandomApply are exercised
+    np.testing.assert_allclose(out, _jitter_reference(x, params, enabled), atol=5e-6)
+
+
+def test_jitter_params_order_and_factor_distribution():
+    ranges = ((0.6, 1.4), (0.2, 1.8), (0.5, 0.5), (-0.1, 0.1))
+    params = augment_color.jitter_params(jax.random.key(0), 4800, ranges, 0.8)
+    order = np.asarray(params.order)
+    assert all(sorted(o) == [0, 1, 2, 3] for o in order[:200])
+    counts = np.unique(order @ np.array([1, 4, 16, 64]), return_counts=True)[1]
+    assert len(counts) == 24 and counts.min() > 120 and counts.max() < 280  # ~200 each
+    factors = np.asarray(params.factors)
+    for i, (lo, hi) in enumerate(ranges):
+        assert (factors[:, i] >= lo).all() and (factors[:, i] <= hi).all()
+        assert abs(factors[:, i].mean() - (lo + hi) / 2) < 0.02 + 1e-6
+    assert abs(np.asarray(params.apply).mean() - 0.8) < 0.03
+
+
+def test_blur_against_numpy_and_sigma_range():
+    # An impulse reveals each sample's kernel: sigma = sqrt(-0.5 / log(k[1] / k[0])). The same
+    # key on real images then draws the same sigmas, checked against NumPy's convolution.
+    n, size, side = 16, 5, 40  # 10% of 40 px: 4 -> odd: 5 taps
+    impulse = np.zeros((n, side, side, 3), np.float32)
+    impulse[:, 20, 20] = 1.0
+    key = jax.random.key(6)
+    op = augment_color.blur(1.0, sigma=(0.5, 2.0))
+    response = _eager_and_jit(op, impulse, key)[:, 20, 18:23, 0]  # the middle row, 5 taps
+    assert (response[:, 0] > 0).all() and (np.asarray(op(impulse, key))[:, 20, 17] == 0).all()
+    k1d = response / response.sum(1, keepdims=True)
+    sigmas = np.sqrt(-0.5 / np.log(k1d[:, 1] / k1d[:, 2]))
+    assert (sigmas > 0.5 - 1e-3).all() and (sigmas < 2.0 + 1e-3).all() and sigmas.std() > 0.2
+    x = _images(seed=7, shape=(n, side, side, 3))
+    out = _eager_and_jit(op, x, key)
+    for b in range(n):
+        np.testing.assert_allclose(out[b], _np_blur(x[b], sigmas[b], size), atol=1e-5)
+
+
+@pytest.mark.parametrize("height, taps", [(224, 23), (96, 9), (32, 3), (16, 1)])
+def test_blur_kernel_is_a_tenth_of_the_height_made_odd(height, taps):
+    impulse = np.zeros((1, height, 24, 1), np.float32)
+    impulse[0, height // 2, 12] = 1.0
+    out = np.asarray(augment_color.blur(1.0, sigma=10.0)(jnp.asarray(impulse), jax.random.key(0)))
+    assert (out[0, :, 12, 0] > 0).sum() == taps
+
+
+def test_blur_fixed_kernel_reflect_padding_and_probability():
+    x = _images()
+    out = _eager_and_jit(augment_color.blur(1.0, sigma=1.5, kernel_size=7), x, jax.random.key(0))
+    for b in range(B):  # reflect padding: the borders match NumPy's 'reflect' too
+        np.testing.assert_allclose(out[b], _np_blur(x[b], 1.5, 7), atol=1e-5)
+    np.testing.assert_array_equal(augment_color.blur(0.0)(jnp.asarray(x), jax.random.key(0)), x)
+    x = _images(shape=(200, 4, 4, 3))
+    out = np.asarray(augment_color.blur(0.1, 1.0, 3)(jnp.asarray(x), jax.random.key(2)))
+    same = (out == x).all(axis=(1, 2, 3))
+    want = np.stack([_np_blur(xi, 1.0, 3) for xi in x])
+    blurred = np.isclose(out, want, atol=1e-5).all(axis=(1, 2, 3))
+    assert (same ^ blurred).all() and abs(blurred.mean() - 0.1) < 0.06
+
+
+def test_color_ops_match_torchvision_functional():
+    tc = pytest.importorskip("torch_compat")
+    torch, tf = tc.torch, tc.torchvision.transforms.functional
+    x = _tricky_pixels()[0]
+    t = torch.tensor(x).permute(2, 0, 1)  # [3, H, W]
+    got = augment_color.adjust_hue(jnp.asarray(x), 0.23)
+    np.testing.assert_allclose(got, tf.adjust_hue(t, 0.23).permute(1, 2, 0).numpy(), atol=1e-5)
+    got = augment_color.gaussian_blur(jnp.asarray(x), 1.3, 5)
+    want = tf.gaussian_blur(t, [5, 5], [1.3, 1.3]).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # torchvision's tensor luma rounds red to 0.2989 (ours: 0.299): agreement to ~1e-4.
+    got = augment_color.adjust_saturation(jnp.asarray(x), 0.3)
+    want = tf.adjust_saturation(t, 0.3).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "color_jitter(-0.1)",
+        "color_jitter(hue=0.6)",
+        "color_jitter(brightness=(1.5, 0.5))",
+        "color_jitter(contrast=(-0.1, 1.0))",
+        "color_jitter(p=1.5)",
+        "color_jitter(strength=-1)",
+        "color_jitter(saturation='x')",
+        "grayscale(-0.1)",
+        "blur(sigma=0)",
+        "blur(sigma=(2, 1))",
+        "blur(kernel_size=4)",
+        "solarize(1.5)",
+        "solarize(0.2, threshold='half')",
+    ],
+)
+def test_color_ops_bad_arguments(spec):
+    with pytest.raises(UserError, match="augment spec"):
+        augment.build([spec])
+
+
+def test_color_ops_bad_shapes():
+    x = jnp.asarray(_images(shape=(2, 8, 8, 1)))
+    with pytest.raises(UserError, match="3 channels"):
+        augment_color.color_jitter()(x, jax.random.key(0))
+    with pytest.raises(UserError, match="kernel_size 17 is too large"):
+        augment_color.blur(1.0, kernel_size=17)(x, jax.random.key(0))
+
+
+# --- multi-crop and asymmetric views ----------------------------------------------------------
+
+
+def test_multi_crop_swav_views_under_jit():
+    colour = "flip|grayscale|solarize|normalize"  # (colour jitter: tested above; slow to compile)
+    specs = augment.multi_crop(
+        f"rrc(32, scale=(0.14, 1))|{colour}", f"rrc(16, scale=(0.05, 0.14))|{colour}", 2, 6
+    )
+    assert len(specs) == 8 and specs[0] == specs[1] and specs[2] == specs[7] != specs[0]
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (B, 32, 32, 3), dtype=np.uint8))
+    views = jax.jit(augment.build(specs))(x, jax.random.key(3))
+    assert [v.shape for v in views] == [(B, 32, 32, 3)] * 2 + [(B, 16, 16, 3)] * 6
+    flat = [np.asarray(v).reshape(B, -1) for v in views]
+    for i in range(8):  # every view draws its own crops and colours
+        for j in range(i + 1, 8):
+            if flat[i].shape == flat[j].shape:
+                assert not np.allclose(flat[i], flat[j])
+
+
+def test_multi_crop_per_view_specs_and_errors():
+    byol = ("blur(1.0)|solarize(0.0)", "blur(0.1)|solarize(0.2)")
+    assert augment.multi_crop(byol, "rrc(8)", 2, 1) == [*byol, "rrc(8)"]
+    assert augment.multi_crop("a", "b", 1, 0) == ["a"]
+    for args in [("a", "b", 0, 2), ("a", "b", 2, -1), (("a",), "b", 2, 1), ("a", "b", 2.0, 1)]:
+        with pytest.raises(UserError, match="multi_crop"):
+            augment.multi_crop(*args)
+
+
+def test_asymmetric_views_follow_their_own_specs():
+    # BYOL-style per-view settings: view 0 never solarizes, view 1 always does.
+    x = _images()
+    v0, v1 = jax.jit(augment.build(["solarize(0.0)", "solarize(1.0)"]))(
+        jnp.asarray(x), jax.random.key(0)
+    )
+    np.testing.assert_array_equal(v0, x)
+    np.testing.assert_allclose(v1, np.where(x >= 0.5, 1 - x, x), atol=1e-7)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from selfsup import config as config_lib
 from selfsup import optim
 from selfsup.errors import UserError
 
@@ -289,3 +290,205 @@ def test_default_no_decay_allows_models_without_tokens():
 def test_config_errors(overrides, total, match):
     with pytest.raises(UserError, match=match):
         optim.build(_cfg(**overrides), batch_size=8, total_steps=total)
+
+
+# --- LARS (both variants), LAMB, weight-decay schedule ---------------------------------------
+
+NO_DECAY_DEFAULT = set(SHAPES) - DECAYED  # biases, scales, tokens, position embedding
+
+
+def _np_trust(w, d, eta):
+    """LARS' layer-wise trust ratio: eta ||w|| / ||d||, 1 where either norm is 0."""
+    wn, dn = np.linalg.norm(w), np.linalg.norm(d)
+    return eta * wn / dn if wn > 0 and dn > 0 else 1.0
+
+
+def _np_lars(params, grads_seq, lrs, *, variant, wd, eta, m, decayed, adapted, mults):
+    """LARS step by step. SimCLR (TF): v = m v + lr * trust * d; w -= v. Barlow Twins / BYOL
+    (PyTorch): v = m v + trust * d; w -= lr * v. d = g + wd w (decayed leaves), per-leaf LR
+    multipliers as per-parameter-group learning rates."""
+    p = {k: v.copy() for k, v in params.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for grads, lr in zip(grads_seq, lrs, strict=True):
+        for k, g in grads.items():
+            d = g + (wd * p[k] if k in decayed else 0.0)
+            trust = _np_trust(p[k], d, eta) if k in adapted else 1.0
+            lr_k = lr * mults.get(k, 1.0)
+            if variant == "lars_simclr":
+                v[k] = m * v[k] + lr_k * trust * d
+                p[k] = p[k] - v[k]
+            else:
+                v[k] = m * v[k] + trust * d
+                p[k] = p[k] - lr_k * v[k]
+    return p
+
+
+@pytest.mark.parametrize("variant", ["lars_simclr", "lars"])
+@pytest.mark.parametrize("lars_exclude", [None, (r".*/bias$",)])
+def test_lars_against_numpy(variant, lars_exclude):
+    frozen = "backbone/cls_token"
+    # Barlow Twins' bias/BN learning rate: 0.0048 / 0.2 of the weights' LR.
+    mults = ((r".*/bias$", 0.024), (r".*/scale$", 0.024))
+    cfg = _cfg(
+        name=variant,
+        base_lr=0.4,
+        schedule="cosine",
+        warmup_steps=2,  # a changing LR is what tells the two variants apart
+        weight_decay=0.05,
+        momentum=0.8,
+        trust_coefficient=0.01,
+        lr_mults=mults,
+        frozen=(frozen,),
+        lars_exclude=lars_exclude,
+    )
+    tx, _ = optim.build(cfg, batch_size=1, total_steps=6)
+    params = _random(0)
+    params["decoder/pred/kernel"] *= 0.0  # ||w|| = 0: trust ratio 1 at the first step
+    grads_seq = [_random(s, 0.1) for s in (1, 2, 3, 4, 5)]
+    got = _run(tx, params, grads_seq)
+    excluded = (
+        NO_DECAY_DEFAULT if lars_exclude is None else {k for k in SHAPES if k.endswith("/bias")}
+    )
+    trainable = [k for k in SHAPES if k != frozen]
+    want = _np_lars(
+        {k: params[k] for k in trainable},
+        [{k: g[k] for k in trainable} for g in grads_seq],
+        [_np_schedule(s, 0.4, 2, 6, 0.0) for s in range(5)],
+        variant=variant,
+        wd=0.05,
+        eta=0.01,
+        m=0.8,
+        decayed=DECAYED,
+        adapted=set(trainable) - excluded,
+        mults={k: 0.024 for k in SHAPES if k.endswith(("/bias", "/scale"))},
+    )
+    for k in trainable:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_array_equal(got[frozen], params[frozen].astype(np.float32))
+    # The reference discriminates: the other variant, or no trust ratio, gives other numbers.
+    other = "lars" if variant == "lars_simclr" else "lars_simclr"
+    kw = dict(wd=0.05, eta=0.01, m=0.8, decayed=DECAYED, mults={})
+    lrs = [_np_schedule(s, 0.4, 2, 6, 0.0) for s in range(5)]
+    swapped = _np_lars(params, grads_seq, lrs, variant=other, adapted=DECAYED, **kw)
+    plain = _np_lars(params, grads_seq, lrs, variant=variant, adapted=set(), **kw)
+    for ref in (swapped, plain):
+        assert not np.allclose(
+            ref["backbone/patch_embed/kernel"], got["backbone/patch_embed/kernel"]
+        )
+
+
+def _np_lamb(params, grads_seq, lrs, wds, *, b1, b2, eps, decayed, adapted):
+    """LAMB (You et al. 2020; timm's Lamb): bias-corrected Adam step u, plus wd_t * w where
+    decayed, times ||w|| / ||u|| where adapted (1 where a norm is 0); w -= lr_t * that."""
+    p = {k: v.copy() for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, (grads, lr, wd) in enumerate(zip(grads_seq, lrs, wds, strict=True), start=1):
+        for k, g in grads.items():
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            u = (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
+            u = u + (wd * p[k] if k in decayed else 0.0)
+            trust = _np_trust(p[k], u, 1.0) if k in adapted else 1.0
+            p[k] = p[k] - lr * trust * u
+    return p
+
+
+def _np_wd(step, wd, end, total):
+    """SparK's weight-decay schedule: cosine from wd at step 0 to end at the last step."""
+    return end + (wd - end) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+
+
+def test_lamb_with_weight_decay_schedule_against_numpy():
+    cfg = _cfg(
+        name="lamb",
+        base_lr=0.01,
+        schedule="cosine",
+        warmup_steps=1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-6,
+        weight_decay=0.04,
+        weight_decay_end=0.2,
+    )
+    tx, _ = optim.build(cfg, batch_size=1, total_steps=5)
+    params = _random(0)
+    grads_seq = [_random(s, 0.1) for s in (1, 2, 3, 4)]
+    got = _run(tx, params, grads_seq)
+    want = _np_lamb(
+        params,
+        grads_seq,
+        [_np_schedule(s, 0.01, 1, 5, 0.0) for s in range(4)],
+        [_np_wd(s, 0.04, 0.2, 5) for s in range(4)],
+        b1=0.9,
+        b2=0.95,
+        eps=1e-6,
+        decayed=DECAYED,
+        adapted=DECAYED,  # lars_exclude None: the no_decay parameters are not adapted
+    )
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_lamb_matches_timm():
+    tc = pytest.importorskip("torch_compat")
+    torch = tc.torch
+    from timm.optim import Lamb
+
+    cfg = _cfg(name="lamb", base_lr=0.02, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.05)
+    tx, _ = optim.build(cfg, batch_size=1, total_steps=10)
+    params = _random(0)
+    grads_seq = [_random(s, 0.1) for s in (1, 2, 3)]
+    got = _run(tx, params, grads_seq)
+    # timm: two parameter groups as SparK builds them; only the decayed group is adapted.
+    tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    groups = [
+        {"params": [tp[k] for k in SHAPES if k in DECAYED], "weight_decay": 0.05},
+        {"params": [tp[k] for k in SHAPES if k not in DECAYED], "weight_decay": 0.0},
+    ]
+    opt = Lamb(groups, lr=0.02, betas=(0.9, 0.95), eps=1e-6, max_grad_norm=None)
+    for grads in grads_seq:
+        for k, t in tp.items():
+            t.grad = torch.tensor(grads[k])
+        opt.step()
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], tp[k].detach().numpy(), rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_adamw_weight_decay_follows_cosine_schedule():
+    # Zero gradients: Adam's part is 0, so each step multiplies decayed leaves by 1 - lr * wd_t.
+    cfg = _cfg(base_lr=0.1, weight_decay=0.5, weight_decay_end=0.1)
+    tx, _ = optim.build(cfg, batch_size=1, total_steps=4)
+    params = _random(0)
+    zero = {k: np.zeros(s) for k, s in SHAPES.items()}
+    got = _run(tx, params, [zero] * 5)  # one step past the end: held at weight_decay_end
+    factor = np.prod([1 - 0.1 * _np_wd(s, 0.5, 0.1, 4) for s in range(5)])
+    assert abs(_np_wd(4, 0.5, 0.1, 4) - 0.1) < 1e-12 and abs(_np_wd(0, 0.5, 0.1, 4) - 0.5) < 1e-12
+    for k in SHAPES:
+        want = params[k] * factor if k in DECAYED else params[k]
+        np.testing.assert_allclose(got[k], want, rtol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"name": "lars", "lars_exclude": (r".*/bais$",)}, "lars_exclude: regex .* matches no"),
+        ({"name": "lamb", "weight_decay_end": -0.1}, "weight_decay_end must be a number >= 0"),
+        ({"name": "lars", "momentum": -0.9}, "momentum must be a number >= 0"),
+        ({"name": "lars", "trust_coefficient": "big"}, "trust_coefficient must be a number"),
+        ({"name": "lars", "lars_exclude": ("[",)}, "lars_exclude: .* not a valid regex"),
+    ],
+)
+def test_lars_lamb_config_errors(overrides, match):
+    with pytest.raises(UserError, match=match):
+        tx, _ = optim.build(_cfg(**overrides), batch_size=1, total_steps=5)
+        tx.init(_jax(_random(0)))
+
+
+def test_new_optim_keys_have_defaults():
+    d = config_lib.defaults().optim
+    assert d.momentum == 0.9 and d.trust_coefficient == 1e-3
+    assert d.lars_exclude is None and d.weight_decay_end is None
+    for name in ("lars", "lars_simclr", "lamb"):  # the defaults build for every optimiser
+        tx, _ = optim.build({**d.to_dict(), "name": name}, batch_size=8, total_steps=5)
+        tx.init(_jax(_random(0)))

@@ -150,7 +150,7 @@ def test_unbound_attributes_and_overrides():
     m = vit.Model(variant="Ti/4", width=64, depth=2, num_heads=4, mlp_dim=100)
     assert (m.patch_size, m.embed_dim) == (4, 64)
     assert m.dims() == (64, 2, 4, 100, 4)
-    assert vit.Model.mask_modes == ("drop", "replace")
+    assert vit.Model.mask_modes == ("drop", "replace", "causal_prefix")
 
 
 def analytic_count(d, depth, patch, mlp):

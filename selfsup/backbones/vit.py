@@ -2,9 +2,15 @@
 
 Parameter names and layouts follow timm's `VisionTransformer` (`patch_embed`, `cls_token`,
 `blocks_{i}/{norm1,attn/{qkv,proj},norm2,mlp/{fc1,fc2}}`, `norm`), so export to PyTorch is a
-key-by-key mapping. Initialisation follows MAE: xavier-uniform linears with zero bias, the
-patch embedding initialised like a linear layer over its flattened [p*p*C, D] view, cls and
-mask tokens normal(0.02).
+key-by-key mapping (`export_torch`, and `export_npz` for timm's big_vision `.npz` loader).
+Initialisation follows MAE: xavier-uniform linears with zero bias, the patch embedding
+initialised like a linear layer over its flattened [p*p*C, D] view, cls and mask tokens
+normal(0.02).
+
+For AIM (El-Nouby et al. 2024, apple/ml-aim): `use_bias=False` drops the biases of the blocks'
+linear layers (qkv, proj, fc1, fc2) while the LayerNorms and the patch embedding keep theirs, as
+in ml-aim's trunk; mask mode `causal_prefix` gives prefix-causal attention (`prefix_causal_mask`).
+Deviation from ml-aim: no LayerNorm on the patch embeddings (ml-aim's `PatchEmbed` has one).
 """
 
 from __future__ import annotations
@@ -65,6 +71,20 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
     return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
 
 
+def prefix_causal_mask(num_tokens: int, prefix_len: Any) -> jax.Array:
+    """Prefix-causal attention mask (AIM): bool [..., N, N], True = query i may attend to key j.
+
+    Query i may attend to key j when j < prefix (the prefix is seen bidirectionally by every
+    token) or j <= i (causal beyond the prefix). prefix_len: int, or int array [B] for one
+    prefix per sample (-> [B, N, N]). A prefix of 0 is plain causal attention; N or more is
+    full attention.
+    """
+    prefix = jnp.asarray(prefix_len, jnp.int32)[..., None, None]
+    query = jnp.arange(num_tokens)[:, None]
+    key = jnp.arange(num_tokens)[None, :]
+    return (key < prefix) | (key <= query)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample (rng stream 'drop_path')."""
 
@@ -89,17 +109,19 @@ class Attention(nn.Module):
     num_heads: int
     qkv_bias: bool = True
     dtype: Any = jnp.float32
+    use_bias: bool = True  # proj bias (qkv has one iff qkv_bias and use_bias)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         b, t, d = x.shape
         if d % self.num_heads:
             raise UserError(f"vit: width {d} is not divisible by {self.num_heads} heads")
-        qkv = nn.Dense(3 * d, self.qkv_bias, self.dtype, kernel_init=dense_init, name="qkv")(x)
+        qkv_bias = self.qkv_bias and self.use_bias
+        qkv = nn.Dense(3 * d, qkv_bias, self.dtype, kernel_init=dense_init, name="qkv")(x)
         q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 2, 0)
         # mask: bool broadcastable to [B, heads, T, T], True = may attend.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name="proj")(
+        return nn.Dense(d, self.use_bias, self.dtype, kernel_init=dense_init, name="proj")(
             out.reshape(b, t, d)
         )
 
@@ -109,13 +131,14 @@ class Mlp(nn.Module):
 
     hidden: int
     dtype: Any = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+        x = nn.Dense(self.hidden, self.use_bias, self.dtype, kernel_init=dense_init, name="fc1")(x)
         x = nn.gelu(x, approximate=False)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
+        return nn.Dense(d, self.use_bias, self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
 class Block(nn.Module):
@@ -126,6 +149,7 @@ class Block(nn.Module):
     qkv_bias: bool = True
     dtype: Any = jnp.float32
     drop_path: float = 0.0
+    use_bias: bool = True  # biases of the linear layers; the LayerNorms always keep theirs
 
     @nn.compact
     def __call__(
@@ -133,10 +157,11 @@ class Block(nn.Module):
     ) -> jax.Array:
         drop = DropPath(self.drop_path)
         y = nn.LayerNorm(LN_EPS, self.dtype, name="norm1")(x)
-        y = Attention(self.num_heads, self.qkv_bias, self.dtype, name="attn")(y, mask)
+        attn = Attention(self.num_heads, self.qkv_bias, self.dtype, self.use_bias, name="attn")
+        y = attn(y, mask)
         x = x + drop(y, train=train)
         y = nn.LayerNorm(LN_EPS, self.dtype, name="norm2")(x)
-        y = Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
+        y = Mlp(self.mlp_dim, self.dtype, self.use_bias, name="mlp")(y)
         return x + drop(y, train=train)
 
 
@@ -145,6 +170,7 @@ class Model(nn.Module):
 
     `variant` is '<size>/<patch>'; `width`, `depth`, `num_heads`, `mlp_dim` override it.
     `drop_path` is the last block's stochastic-depth rate, rising linearly from 0 (timm).
+    `use_bias=False` removes the biases of every block's linear layers (AIM's trunk).
     """
 
     variant: str = "B/16"
@@ -157,8 +183,9 @@ class Model(nn.Module):
     qkv_bias: bool = True
     dtype: Any = jnp.float32
     drop_path: float = 0.0
+    use_bias: bool = True
 
-    mask_modes = ("drop", "replace")
+    mask_modes = ("drop", "replace", "causal_prefix")
 
     def __post_init__(self):
         self.dims()  # validates the variant and overrides when the module is built
@@ -197,6 +224,9 @@ class Model(nn.Module):
           under mask mode 'drop' (value int32 [B, K], kept indices in raster order).
         mask mode 'replace' (value bool [B, N], True = masked): those patch embeddings become a
           learned mask token before position embeddings are added.
+        mask mode 'causal_prefix' (value int [B], the number of prefix patches): attention is
+          `prefix_causal_mask` over the sequence; a cls token, if any, is part of the prefix.
+          Without a mask attention is full.
         cls: [B, D] or None; pooled: [B, D] (cls, or mean of `tokens` for pool='gap').
         intermediates: {"block_i": [B, T, D]} full sequence (cls first) after block i.
         """
@@ -231,17 +261,179 @@ class Model(nn.Module):
             cls = self.param("cls_token", token_init, (1, 1, width)).astype(x.dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)), x], axis=1)
 
+        n_prefix = 1 if self.cls_token else 0
+        attn_mask = None
+        if mask is not None and mask.mode == "causal_prefix":
+            # [B, 1, T, T]: one mask per sample, shared by the heads.
+            attn_mask = prefix_causal_mask(x.shape[1], mask.value + n_prefix)[:, None]
+
         intermediates = {}
         for i in range(depth):
             rate = self.drop_path * i / max(depth - 1, 1)
-            x = Block(heads, mlp_dim, self.qkv_bias, self.dtype, rate, name=f"blocks_{i}")(
-                x, train=train
+            block = Block(
+                heads, mlp_dim, self.qkv_bias, self.dtype, rate, self.use_bias, name=f"blocks_{i}"
             )
+            x = block(x, train=train, mask=attn_mask)
             intermediates[f"block_{i}"] = x
         x = nn.LayerNorm(LN_EPS, self.dtype, name="norm")(x)
 
-        n_prefix = 1 if self.cls_token else 0
         tokens = x[:, n_prefix:]
         cls = x[:, 0] if self.cls_token else None
         pooled = cls if self.pool == "cls" else tokens.mean(axis=1)
         return Features(pooled=pooled, tokens=tokens, cls=cls, intermediates=intermediates)
+
+
+# ---------------------------------------------------------------- export to PyTorch (timm)
+
+# size -> (timm's size name, patch sizes timm registers at 224 px; the first is the fallback).
+TIMM_NAMES = {
+    "Ti": ("tiny", (16,)),
+    "S": ("small", (16, 8, 32)),
+    "B": ("base", (16, 8, 32)),
+    "L": ("large", (16, 14, 32)),
+    "H": ("huge", (14,)),
+}
+
+
+def timm_name(variant: str) -> str:
+    """timm model name of a variant: 'B/16' -> 'vit_base_patch16_224'. A patch size timm does not
+    register ('Ti/4') takes the size's default name; the export's kwargs set the real patch."""
+    size, _, patch = variant.partition("/")
+    name, patches = TIMM_NAMES[size]
+    return f"vit_{name}_patch{int(patch) if int(patch) in patches else patches[0]}_224"
+
+
+def export_torch(
+    model: Model, variables: dict, *, input_size: tuple[int, int] = (224, 224)
+) -> tuple[dict[str, np.ndarray], dict]:
+    """(state_dict, spec) for timm's `VisionTransformer` at `input_size` (H, W) pixels.
+
+    Every backbone parameter maps to one timm key (a leftover one is an error) except the
+    SimMIM mask token, a training-time input. The fixed sin-cos embedding becomes timm's
+    `pos_embed` [1, (1 +) N, D], its cls row zero (no_embed_class=False); in timm it is a
+    learnable parameter (as in MAE's fine-tuning code) for `input_size` only (other sizes:
+    timm's `dynamic_img_size=True` interpolates it). timm applies `norm` before pooling
+    (fc_norm=False), as this model does.
+    """
+    width, depth, heads, mlp_dim, p = model.dims()
+    h, w = input_size
+    if h % p or w % p:
+        raise UserError(f"vit export: input size {h}x{w} is not a multiple of the patch size {p}")
+    flat = {
+        jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf, np.float32)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+    }
+    flat.pop("mask_token", None)
+    channels = flat["patch_embed/kernel"].shape[2] if "patch_embed/kernel" in flat else 3
+    sd: dict[str, np.ndarray] = {}
+
+    def take(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in flat:
+            raise UserError(f"vit export: the checkpoint has no {key}, which the config builds")
+        value = flat.pop(key)
+        if value.shape != shape:
+            raise UserError(
+                f"vit export: {key} has shape {value.shape}, the config builds {shape}; export "
+                "with the config the checkpoint was trained with"
+            )
+        return value
+
+    def linear(src: str, dst: str, n_in: int, n_out: int, bias: bool) -> None:
+        sd[f"{dst}.weight"] = take(f"{src}/kernel", (n_in, n_out)).T  # [out, in]
+        if bias:
+            sd[f"{dst}.bias"] = take(f"{src}/bias", (n_out,))
+
+    def norm(src: str, dst: str) -> None:
+        sd[f"{dst}.weight"] = take(f"{src}/scale", (width,))
+        sd[f"{dst}.bias"] = take(f"{src}/bias", (width,))
+
+    kernel = take("patch_embed/kernel", (p, p, channels, width))
+    sd["patch_embed.proj.weight"] = kernel.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    sd["patch_embed.proj.bias"] = take("patch_embed/bias", (width,))
+    pos = sincos_pos_embed(h // p, w // p, width)
+    if model.cls_token:
+        sd["cls_token"] = take("cls_token", (1, 1, width))
+        pos = np.concatenate([np.zeros((1, width), np.float32), pos])
+    sd["pos_embed"] = pos[None]
+    qkv_bias = model.qkv_bias and model.use_bias
+    for i in range(depth):
+        src, dst = f"blocks_{i}", f"blocks.{i}"
+        norm(f"{src}/norm1", f"{dst}.norm1")
+        linear(f"{src}/attn/qkv", f"{dst}.attn.qkv", width, 3 * width, qkv_bias)
+        linear(f"{src}/attn/proj", f"{dst}.attn.proj", width, width, model.use_bias)
+        norm(f"{src}/norm2", f"{dst}.norm2")
+        linear(f"{src}/mlp/fc1", f"{dst}.mlp.fc1", width, mlp_dim, model.use_bias)
+        linear(f"{src}/mlp/fc2", f"{dst}.mlp.fc2", mlp_dim, width, model.use_bias)
+    norm("norm", "norm")
+    if flat:
+        raise UserError(f"vit export: no timm mapping for the parameter {sorted(flat)[0]}")
+
+    mlp_ratio = mlp_dim / width
+    if int(width * mlp_ratio) != mlp_dim:
+        raise UserError(f"vit export: timm cannot express mlp_dim {mlp_dim} at width {width}")
+    kwargs = dict(
+        img_size=h if h == w else [h, w],
+        patch_size=p,
+        in_chans=channels,
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=qkv_bias,
+        proj_bias=model.use_bias,  # timm's proj_bias covers attn.proj, mlp.fc1 and mlp.fc2
+        class_token=model.cls_token,
+        no_embed_class=False,
+        global_pool="token" if model.pool == "cls" else "avg",
+        fc_norm=False,
+        num_classes=0,
+    )
+    spec = {
+        "library": "timm",
+        "architecture": timm_name(model.variant),
+        "kwargs": kwargs,
+        "pooling": "cls" if model.pool == "cls" else "avg",
+    }
+    return sd, spec
+
+
+def export_npz(
+    model: Model, variables: dict, *, input_size: tuple[int, int] = (224, 224)
+) -> dict[str, np.ndarray]:
+    """The same weights in the big_vision `.npz` layout that timm's
+    `VisionTransformer.load_pretrained("x.npz")` reads (top-level `pos_embedding`, blocks
+    `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
+    MlpBlock_0}`; attention kernels split per head: query/key/value [D, H, D/H], out [H, D/H, D]).
+    """
+    if not (model.use_bias and model.qkv_bias):
+        raise UserError(
+            "vit export: timm's .npz loader needs every linear bias, and this model has "
+            "use_bias=False or qkv_bias=False; export without --npz (safetensors)"
+        )
+    sd, _ = export_torch(model, variables, input_size=input_size)
+    width, depth, heads, _, _ = model.dims()
+    out = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),  # OIHW -> HWIO
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+    }
+    if model.cls_token:
+        out["cls"] = sd["cls_token"]
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        mha = f"{dst}MultiHeadDotProductAttention_0/"
+        for ln, name in (("LayerNorm_0", "norm1"), ("LayerNorm_1", "norm2")):
+            out[f"{dst}{ln}/scale"] = sd[f"{src}{name}.weight"]
+            out[f"{dst}{ln}/bias"] = sd[f"{src}{name}.bias"]
+        qkv_w, qkv_b = sd[f"{src}attn.qkv.weight"], sd[f"{src}attn.qkv.bias"]  # rows (3, H, dh)
+        for j, name in enumerate(("query", "key", "value")):
+            rows = slice(j * width, (j + 1) * width)
+            out[f"{mha}{name}/kernel"] = qkv_w[rows].T.reshape(width, heads, -1)
+            out[f"{mha}{name}/bias"] = qkv_b[rows].reshape(heads, -1)
+        out[f"{mha}out/kernel"] = sd[f"{src}attn.proj.weight"].T.reshape(heads, -1, width)
+        out[f"{mha}out/bias"] = sd[f"{src}attn.proj.bias"]
+        for k, fc in enumerate(("fc1", "fc2")):
+            out[f"{dst}MlpBlock_0/Dense_{k}/kernel"] = sd[f"{src}mlp.{fc}.weight"].T
+            out[f"{dst}MlpBlock_0/Dense_{k}/bias"] = sd[f"{src}mlp.{fc}.bias"]
+    return out

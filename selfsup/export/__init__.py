@@ -1,0 +1,251 @@
+"""Export a checkpoint's backbone to PyTorch: `export(workdir, out_dir)` and `load_torch(out_dir)`.
+
+`export` reads the checkpoint's `params` and `model_state` as host NumPy (no devices), builds the
+backbone from the config saved in the checkpoint (`meta["config"]["backbone"]`), and hands the
+`backbone` subtrees to its family module's `export_torch(model, variables) -> (state_dict, spec)`
+(`selfsup/backbones/<family>.py`; a keyword `input_size=(H, W)` is passed to the ones that take
+it, for layouts that depend on the image size such as ViT's position embedding). It writes:
+
+    model.safetensors   the state dict, float32, PyTorch names and layouts
+    config.json         spec ({"library", "architecture", "kwargs", "pooling"}), input_size
+                        [C, H, W], mean/std (the view's normalisation, on [0, 1] pixels),
+                        selfsup_version, source (workdir, step, backbone config)
+    model.npz           with `npz=True`, for families with `export_npz` (ViT: big_vision
+                        layout read by timm's `VisionTransformer.load_pretrained`)
+
+`load_torch` rebuilds the module config.json names and loads the weights with strict=True:
+library "timm" -> `timm.create_model(architecture, **kwargs)`, "torchvision" ->
+`torchvision.models.<architecture>(**kwargs)`, "selfsup" -> `selfsup.export.<module>.<attr>`
+for architecture "<module>.<attr>" (PyTorch modules in this folder, e.g. "resnet_torch.ResNet").
+Only `load_torch` and those modules import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selfsup import __version__
+from selfsup.errors import UserError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+NPZ = "model.npz"
+
+
+def export(
+    workdir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    step: int | None = None,
+    *,
+    npz: bool = False,
+) -> dict:
+    """Write the backbone of `workdir`'s checkpoint `step` (latest when None) to `out_dir`.
+
+    Returns the content of config.json. UserError for a missing or damaged checkpoint, a
+    backbone family without `export_torch` (or `export_npz` with `npz`).
+    """
+    from selfsup import backbones, checkpoint
+
+    trees, meta = checkpoint.restore_tree(workdir, ("params", "model_state"), step)
+    config = meta.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("backbone"), dict):
+        raise UserError(
+            f"the checkpoint in {workdir} has no backbone config in its metadata: it was not "
+            "written by `selfsup train`; pass the workdir of a training run"
+        )
+    backbone = dict(config["backbone"])
+    name = backbone.pop("name", None)
+    model = backbones.build(name, **backbone)
+    module = importlib.import_module(type(model).__module__)
+    export_torch = getattr(module, "export_torch", None)
+    if export_torch is None:
+        raise UserError(
+            f"backbone '{name}' has no PyTorch export (selfsup.backbones.{name} defines no "
+            f"export_torch); exportable backbones: {', '.join(exportable()) or 'none'}"
+        )
+    export_npz = getattr(module, "export_npz", None)
+    if npz and export_npz is None:
+        raise UserError(f"backbone '{name}' has no .npz export; run without --npz")
+
+    variables = _backbone_variables(trees, workdir)
+    channels, height, width, mean, std = view_geometry(config)
+    extra = {"input_size": (height, width)}
+    state_dict, spec = export_torch(model, variables, **_accepted(export_torch, extra))
+    # Everything is mapped before anything is written: a failure leaves `out_dir` untouched.
+    arrays = export_npz(model, variables, **_accepted(export_npz, extra)) if npz else None
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create the export directory {out} ({e}); pass another --out"
+        ) from e
+    _write_safetensors(out / WEIGHTS, state_dict)
+    files = {"weights": WEIGHTS}
+    if arrays is not None:
+        _atomic(out / NPZ, lambda f: np.savez(f, **_float32(arrays)))
+        files["npz"] = NPZ
+    elif (out / NPZ).exists():
+        (out / NPZ).unlink()  # from an earlier export: it would not match these weights
+
+    record = {
+        **spec,
+        "input_size": [channels, height, width],
+        "mean": mean,
+        "std": std,
+        "files": files,
+        "selfsup_version": __version__,
+        "source": {
+            "workdir": str(Path(workdir).absolute()),
+            "step": meta.get("step"),
+            "backbone": config["backbone"],
+        },
+    }
+    text = json.dumps(record, indent=2, sort_keys=True)
+    _atomic(out / CONFIG, lambda f: f.write(text.encode()))
+    return record
+
+
+def exportable() -> list[str]:
+    """Backbone families whose module defines `export_torch`."""
+    from selfsup import backbones
+
+    names = []
+    for info in pkgutil.iter_modules(backbones.__path__):
+        module = importlib.import_module(f"selfsup.backbones.{info.name}")
+        if hasattr(module, "export_torch"):
+            names.append(info.name)
+    return sorted(names)
+
+
+def view_geometry(config: dict) -> tuple[int, int, int, list[float], list[float]]:
+    """(C, H, W, mean, std) of the config's first view: its output size and per-channel
+    normalisation on [0, 1] pixels (mean 0, std 1 without `normalize`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from selfsup import augment
+
+    spec, size = config["views"][0], config["data"]["image_size"]
+    (view,) = jax.eval_shape(
+        augment.build([spec]),
+        jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8),
+        jax.random.key(0),
+    )
+    _, height, width, channels = view.shape
+    # Every normalize op is affine per channel: read the composite off the pixel values 0 and 1.
+    probe = np.stack([np.zeros((1, 1, channels)), np.ones((1, 1, channels))]).astype(np.float32)
+    for name, args, kwargs in augment.parse(spec):
+        if name == "normalize":
+            probe = np.asarray(augment.OPS[name](*args, **kwargs)(probe, None))
+    zero, one = probe[0, 0, 0].astype(np.float64), probe[1, 0, 0].astype(np.float64)
+    std = 1.0 / (one - zero)
+    # Computed in float32: round away the last-digit noise (and "-0.0").
+    return (
+        channels,
+        height,
+        width,
+        [float(f"{v:.6g}") + 0.0 for v in -zero * std],
+        [float(f"{v:.6g}") + 0.0 for v in std],
+    )
+
+
+def load_torch(out_dir: str | os.PathLike):
+    """The torch.nn.Module described by `out_dir`/config.json with its weights (strict), in
+    eval mode."""
+    out = Path(out_dir)
+    try:
+        record = json.loads((out / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{out / CONFIG} is missing or unreadable ({e}): run `selfsup export`"
+        ) from e
+    library, arch = record.get("library"), record.get("architecture")
+    kwargs = record.get("kwargs", {})
+    if library not in _BUILDERS:
+        raise UserError(f"{out / CONFIG}: unknown library {library!r}; expected {list(_BUILDERS)}")
+    model = _BUILDERS[library](arch, kwargs)
+    from safetensors.torch import load_file
+
+    weights = out / record.get("files", {}).get("weights", WEIGHTS)
+    model.load_state_dict(load_file(weights), strict=True)
+    return model.eval()
+
+
+def _build_timm(arch: str, kwargs: dict):
+    timm = _import_torch_library("timm")
+    return timm.create_model(arch, pretrained=False, **kwargs)
+
+
+def _build_torchvision(arch: str, kwargs: dict):
+    torchvision = _import_torch_library("torchvision")
+    return torchvision.models.get_model(arch, **kwargs)
+
+
+def _build_selfsup(arch: str, kwargs: dict):
+    module, _, attr = arch.rpartition(".")
+    if not module:
+        raise UserError(f"selfsup export architecture {arch!r} is not '<module>.<attr>'")
+    return getattr(importlib.import_module(f"selfsup.export.{module}"), attr)(**kwargs)
+
+
+_BUILDERS = {"timm": _build_timm, "torchvision": _build_torchvision, "selfsup": _build_selfsup}
+
+
+def _import_torch_library(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except (ImportError, RuntimeError) as e:
+        raise UserError(
+            f"loading this export needs {name} ({type(e).__name__}: {e}); install torch, "
+            "torchvision and timm as matching versions (pip install -e '.[test]')"
+        ) from e
+
+
+def _backbone_variables(trees: dict, workdir) -> dict:
+    """{"params": ..., <collection>: ...} of the `backbone` submodule, as float32 NumPy."""
+    params = trees["params"]
+    if not isinstance(params, dict) or "backbone" not in params:
+        raise UserError(
+            f"the checkpoint in {workdir} has no params/backbone: export needs an objective "
+            "whose encoder submodule is named `backbone`"
+        )
+    variables = {"params": params["backbone"]}
+    for collection, tree in trees["model_state"].items():
+        if isinstance(tree, dict) and "backbone" in tree:
+            variables[collection] = tree["backbone"]
+    return variables
+
+
+def _accepted(fn, kwargs: dict) -> dict:
+    """The entries of `kwargs` that `fn` takes as keyword arguments."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _float32(state: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
+
+
+def _write_safetensors(path: Path, state_dict: dict) -> None:
+    from safetensors.numpy import save
+
+    data = save(_float32(state_dict), metadata={"format": "pt"})
+    _atomic(path, lambda f: f.write(data))
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file and rename, so a reader never sees a partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)

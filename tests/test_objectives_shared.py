@@ -1,0 +1,155 @@
+"""Shared tests for every objective x every backbone family that can serve it.
+
+Objectives and families are discovered from the packages; each objective's small settings come
+from the `smoke` variant of its first config in configs/, each family's from the smoke variant
+of `configs/supervised_<family>_builtin.py` (or the objective's own backbone). A pair the
+backbone cannot serve must fail at build time with a UserError naming the problem.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pkgutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import REPO, run_python
+
+from selfsup import augment, backbones, objectives, sharding, train
+from selfsup import config as config_lib
+from selfsup import state as state_lib
+from selfsup.errors import UserError
+
+OBJECTIVES = sorted(m.name for m in pkgutil.iter_modules(objectives.__path__))
+FAMILIES = sorted(m.name for m in pkgutil.iter_modules(backbones.__path__))
+BATCH = 8
+
+
+@functools.cache
+def smoke_configs() -> dict[str, config_lib.mlc.ConfigDict]:
+    """objective name -> the resolved smoke config of its first config file."""
+    out = {}
+    for path in sorted((REPO / "configs").glob("*.py")):
+        config = config_lib.resolve(config_lib.load(f"{path}:smoke"))
+        out.setdefault(config.objective.name, config)
+    return out
+
+
+def family_backbone(family: str) -> dict | None:
+    for config in smoke_configs().values():
+        if config.backbone.name == family:
+            return config.backbone.to_dict()
+    path = REPO / "configs" / f"supervised_{family}_builtin.py"
+    if path.exists():
+        return config_lib.resolve(config_lib.load(f"{path}:smoke")).backbone.to_dict()
+    return None
+
+
+def pairs():
+    for objective in OBJECTIVES:
+        for family in FAMILIES:
+            yield pytest.param(objective, family, id=f"{objective}-{family}")
+
+
+def setup(objective: str, family: str):
+    """(model, views_fn, state, batch) for a tiny run, or skip when there is nothing to pair."""
+    config = smoke_configs().get(objective)
+    if config is None:
+        pytest.skip(f"objective '{objective}' has no config in configs/ to take settings from")
+    backbone = family_backbone(family)
+    if backbone is None:
+        pytest.skip(f"backbone family '{family}' has no smoke config to take settings from")
+    try:
+        model = objectives.build(config.objective.to_dict(), backbone, num_classes=10)
+    except UserError as e:
+        assert family in str(e) or "mask mode" in str(e), e
+        pytest.skip(f"{family} cannot serve {objective}: {e}")
+    views_fn = augment.build(config.views)
+    size = config.data.image_size
+    example = tuple(
+        jnp.zeros(v.shape, v.dtype)
+        for v in jax.eval_shape(
+            views_fn, jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8), jax.random.key(0)
+        )
+    )
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    tx = optax.adam(1e-3)
+    state, _ = state_lib.create(model, tx, example, 0, mesh, ())
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, 10, BATCH), jnp.int32),
+    }
+    return model, views_fn, state, tx, batch
+
+
+@pytest.mark.parametrize("objective, family", pairs())
+def test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
+    model, views_fn, state, tx, batch = setup(objective, family)
+    grad_fn = train.make_grad_fn(model, views_fn, seed=0)
+
+    @jax.jit
+    def step(state):
+        # Same step number each time: the same views and masks, so only the parameters move.
+        loss, _, grads, updates = grad_fn(state, batch)
+        deltas, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, deltas)
+        model_state = {**state.model_state, **updates}
+        new = state.replace(params=params, opt_state=opt_state, model_state=model_state)
+        return new, loss, grads
+
+    losses = []
+    for i in range(8):
+        state, loss, grads = step(state)
+        losses.append(float(loss))
+        if i == 0:
+            dead = [
+                sharding.path_str(path)
+                for path, g in jax.tree_util.tree_leaves_with_path(grads)
+                if not np.any(np.asarray(g))
+            ]
+            assert not dead, f"no gradient reaches {dead}"
+    assert np.all(np.isfinite(losses)), losses
+    assert losses[-1] < losses[0], losses
+
+
+EIGHT_DEVICES = r"""
+import json, sys, jax, numpy as np, optax
+sys.path.insert(0, "tests")
+import test_objectives_shared as shared
+from selfsup import sharding, train, state as state_lib
+out = {}
+for objective in shared.OBJECTIVES:
+    config = shared.smoke_configs().get(objective)
+    if config is None:
+        continue
+    model, views_fn, state, tx, batch = shared.setup(objective, config.backbone.name)
+    grads = {}
+    for name, shape, devices in [("one", {"data": 1, "fsdp": 1}, jax.devices()[:1]),
+                                 ("eight", {"data": 4, "fsdp": 2}, jax.devices())]:
+        mesh = sharding.make_mesh(shape, devices)
+        shardings = sharding.tree_shardings(state, mesh, [(".*", "fsdp")])
+        placed = jax.device_put(jax.tree.map(np.asarray, state), shardings)
+        b = jax.device_put(batch, sharding.batch_sharding(mesh))
+        loss, _, g, _ = jax.jit(train.make_grad_fn(model, views_fn, seed=0))(placed, b)
+        grads[name] = (float(loss), {sharding.path_str(p): np.asarray(v)
+                                     for p, v in jax.tree_util.tree_leaves_with_path(g)})
+    (l1, g1), (l8, g8) = grads["one"], grads["eight"]
+    err = max(float(np.abs(g1[k] - g8[k]).max() / (np.abs(g1[k]).max() + 1e-12)) for k in g1)
+    out[objective] = {"loss": [l1, l8], "grad_err": err}
+print(json.dumps(out))
+"""
+
+
+def test_eight_devices_equal_one_for_every_objective():
+    out = json.loads(run_python(EIGHT_DEVICES, devices=8, timeout=900).strip().splitlines()[-1])
+    expected = {name for name in OBJECTIVES if name in smoke_configs()}
+    assert set(out) == expected, (sorted(out), sorted(expected))
+    for objective, result in out.items():
+        one, eight = result["loss"]
+        np.testing.assert_allclose(eight, one, rtol=1e-5, err_msg=objective)
+        assert result["grad_err"] < 1e-4, (objective, result)
