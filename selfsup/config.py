@@ -45,6 +45,17 @@ def defaults() -> mlc.ConfigDict:
     c.data = mlc.ConfigDict(
         {"source": "builtin", "name": "shapes", "data_dir": "", "path": "", "image_size": 32}
     )
+    # Fine-tuning: a new run (no checkpoint in the workdir) copies the backbone from this
+    # pretraining workdir's checkpoint `init_from_step` (0: the latest); see selfsup.finetune.
+    c.init_from = ""
+    c.init_from_step = 0
+    # Evaluators on the live backbone during training (selfsup.evaluators.periodic): `run` holds
+    # evaluator configs (dicts, see selfsup.evaluators), run every `every_steps` steps (0: never
+    # during training) and at the last step if `at_end`; `random_init` adds the same evaluators
+    # on the backbone at random initialisation, the baseline, logged as random_init/<label>/...
+    c.evaluators = mlc.ConfigDict(
+        {"every_steps": 0, "at_end": True, "random_init": False, "run": ()}
+    )
     c.objective = mlc.ConfigDict({"name": "mae"})
     c.backbone = mlc.ConfigDict({"name": "vit"})
     c.optim = mlc.ConfigDict(
@@ -69,6 +80,7 @@ def defaults() -> mlc.ConfigDict:
             "lr_mults": (),
             "frozen": (),
             "frozen_until": (),  # (regex, steps): frozen for the first `steps` steps (SwAV)
+            "layer_decay": 0.0,  # layer-wise LR decay (BEiT/MAE fine-tuning, e.g. 0.65); 0: off
         }
     )
     return c
@@ -144,6 +156,20 @@ def resolve(config: mlc.ConfigDict, overrides: dict[str, str] | None = None) -> 
         raise UserError(f"config.compute_dtype: '{out.compute_dtype}' is not float32 or bfloat16")
     if not out.views:
         raise UserError("config.views: at least one view spec is needed")
+    if out.init_from_step < 0:
+        raise UserError("config.init_from_step must be >= 0 (0: the latest checkpoint)")
+    if out.evaluators.every_steps < 0:
+        raise UserError("config.evaluators.every_steps must be >= 0 (0: not during training)")
+    run = out.evaluators.run
+    if not all(isinstance(c, dict | mlc.ConfigDict) for c in run):
+        raise UserError(
+            "config.evaluators.run: give a tuple of evaluator configs (dicts such as "
+            f"dict(name='knn', train_limit=2000)), got {run!r}"
+        )
+    # Plain dicts: the config is saved as JSON in every checkpoint.
+    out.evaluators.run = tuple(
+        c.to_dict() if isinstance(c, mlc.ConfigDict) else dict(c) for c in run
+    )
     out.lock()
     return out
 

@@ -25,13 +25,24 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from selfsup import augment, checkpoint, data, distributed, logs, objectives, optim, sharding
+from selfsup import (
+    augment,
+    checkpoint,
+    data,
+    distributed,
+    finetune,
+    logs,
+    objectives,
+    optim,
+    sharding,
+)
 from selfsup import config as config_lib
 from selfsup import state as state_lib
 from selfsup.errors import UserError
+from selfsup.evaluators import periodic
 
 # Named random streams, each derived from (seed, step): fold_in(fold_in(key(seed), step), id).
-STREAMS = ("augment", "mask", "dropout", "drop_path")
+STREAMS = ("augment", "mask", "dropout", "drop_path", "mixup")
 
 
 class Interrupted(Exception):
@@ -131,6 +142,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
         raise UserError(
             f"config.batch_size={config.batch_size} must be divisible by the {mesh.size} devices"
         )
+    evals = periodic.DuringTraining(config, mesh)  # checks its configs before anything compiles
 
     source = data.build_source(config.data, "train")
     loader = data.Loader(
@@ -173,6 +185,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
         )
         restored, _ = ckpt.restore(target)
         state = state.from_dict(restored)
+    elif config.init_from:  # a new fine-tuning run; a resumed one restored its own state above
+        state = finetune.load_backbone(state, config.init_from, config.init_from_step or None)
     start = int(state.step)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -232,6 +246,14 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
                     )
                 if signum:
                     raise Interrupted(signum, done, workdir)
+                if evals.due(done, at_end):
+                    started = time.perf_counter()
+                    results = evals.run(done, state.params, state.model_state, at_end=at_end)
+                    writer.scalars(done, results)
+                    last = {**last, **results}
+                    if is_main:
+                        progress.write(periodic.summary(done, results, evals.baseline), sys.stderr)
+                    window.started += time.perf_counter() - started  # not in images/s
         finally:
             progress.close()
             batches.close()

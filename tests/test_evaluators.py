@@ -309,6 +309,16 @@ def test_default_view_keeps_size_and_normalisation():
     assert evaluators.default_view(train, 1.0).startswith("resize(32,")
 
 
+def test_default_view_takes_the_normalisation_of_an_objective_that_normalises_inside():
+    # Rotation normalises after rotating, so its view spec has no normalize op.
+    spec = str(REPO / "configs" / "rotation_resnet_in1k.py:smoke")
+    train = config_lib.resolve(config_lib.load(spec))
+    assert "normalize" not in train.views[0]
+    assert evaluators.default_view(train).endswith("|normalize('imagenet')")
+    train = config_lib.resolve(config_lib.load(spec), {"objective.normalize": "none"})
+    assert "normalize" not in evaluators.default_view(train)
+
+
 EXTRACT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import pkgutil
+import re
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +79,11 @@ def setup(objective: str, family: str):
     )
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
     tx = optax.adam(1e-3)
-    state, _ = state_lib.create(model, tx, example, 0, mesh, ())
+    try:
+        state, _ = state_lib.create(model, tx, example, config.seed, mesh, ())
+    except UserError as e:  # e.g. the objective's crops are smaller than the backbone accepts
+        assert e.args[0].startswith(f"{family}:"), e
+        pytest.skip(f"{family} cannot serve {objective}'s smoke views: {e}")
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8)),
@@ -107,10 +112,15 @@ def test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
         state, loss, grads = step(state)
         losses.append(float(loss))
         if i == 0:
+            # Parameters the objective's config freezes (unused by its loss) need no gradient.
+            frozen = [re.compile(r) for r in smoke_configs()[objective].optim.frozen]
+            named = [
+                (sharding.path_str(p), g) for p, g in jax.tree_util.tree_leaves_with_path(grads)
+            ]
             dead = [
-                sharding.path_str(path)
-                for path, g in jax.tree_util.tree_leaves_with_path(grads)
-                if not np.any(np.asarray(g))
+                name
+                for name, g in named
+                if not np.any(np.asarray(g)) and not any(r.fullmatch(name) for r in frozen)
             ]
             assert not dead, f"no gradient reaches {dead}"
     assert np.all(np.isfinite(losses)), losses
@@ -139,7 +149,10 @@ for objective in shared.OBJECTIVES:
         grads[name] = (float(loss), {sharding.path_str(p): np.asarray(v)
                                      for p, v in jax.tree_util.tree_leaves_with_path(g)})
     (l1, g1), (l8, g8) = grads["one"], grads["eight"]
-    err = max(float(np.abs(g1[k] - g8[k]).max() / (np.abs(g1[k]).max() + 1e-12)) for k in g1)
+    # Relative to each leaf's scale, floored at 1e-3 of the largest: a leaf whose exact gradient
+    # is zero (a bias right before a BatchNorm) holds float32 rounding noise only.
+    floor = 1e-3 * max(float(np.abs(g).max()) for g in g1.values())
+    err = max(float(np.abs(g1[k] - g8[k]).max() / max(np.abs(g1[k]).max(), floor)) for k in g1)
     out[objective] = {"loss": [l1, l8], "grad_err": err}
 print(json.dumps(out))
 """

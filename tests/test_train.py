@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO, run_python
@@ -34,13 +35,31 @@ def losses(workdir) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_config_smoke_trains(name, tmp_path):
-    out = train.train_and_evaluate(smoke(name), str(tmp_path))
+def test_every_config_smoke_trains_and_resumes_exactly(name, tmp_path):
+    """Train the smoke run with a checkpoint every step, drop the last checkpoint as a crash
+    would, and run the same command again: the last step is redone with the same loss, and the
+    parameters and model state (BatchNorm statistics, queues) come out bit-identical."""
+    config = smoke(name, checkpoint_every_steps=1, keep_checkpoints=2)
+    out = train.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(out["loss"])
     assert out["train_step_compilations"] == 1  # no retrace after the first step
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["objective"]["name"] and saved["batch_size"] > 0
-    assert checkpoint.Manager(tmp_path).latest_step() == saved["total_steps"]
+    last = checkpoint.Manager(tmp_path).latest_step()
+    assert last == saved["total_steps"]
+    final, _ = checkpoint.restore_tree(tmp_path, ("params", "model_state"))
+
+    shutil.rmtree(tmp_path / "checkpoints" / str(last))
+    resumed = train.train_and_evaluate(config, str(tmp_path))
+    assert resumed["loss"] == out["loss"]
+    again, _ = checkpoint.restore_tree(tmp_path, ("params", "model_state"))
+    leaves = jax.tree_util.tree_leaves_with_path(final)
+    assert len(leaves) == len(jax.tree_util.tree_leaves(again))
+    for path, value in leaves:
+        other = again
+        for key in path:
+            other = other[key.key]
+        np.testing.assert_array_equal(value, other, err_msg=jax.tree_util.keystr(path))
 
 
 def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch):

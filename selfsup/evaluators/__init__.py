@@ -136,7 +136,28 @@ def default_view(train_config: Any, crop_pct: float = 0.875) -> str:
         if name == "normalize":
             text = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
             ops.append(f"normalize({', '.join(text)})")
+    inside = objective_normalization(train_config)
+    if inside is not None and not any(op.startswith("normalize(") for op in ops):
+        ops.append(inside)
     return "|".join(ops)
+
+
+def objective_normalization(train_config: Any) -> str | None:
+    """The normalize op of an objective that normalises its views itself (a `normalize` field:
+    rotation, after rotating), as view-spec text; None for the others or for "none"."""
+    name = train_config.objective.name
+    try:
+        objective = importlib.import_module(f"selfsup.objectives.{name}").Objective
+    except (ImportError, AttributeError):
+        return None
+    field = getattr(objective, "__dataclass_fields__", {}).get("normalize")
+    if field is None:
+        return None
+    value = train_config.objective.get("normalize", field.default)
+    if isinstance(value, str):
+        return None if value == "none" else f"normalize({value!r})"
+    mean, std = (tuple(v) if isinstance(v, list | tuple) else v for v in value)
+    return f"normalize({mean!r}, {std!r})"
 
 
 def inherit(config: mlc.ConfigDict, train_config: Any) -> mlc.ConfigDict:

@@ -1,0 +1,106 @@
+"""Input pipeline: images/s the data layer delivers per host against what the train step consumes.
+
+Times `selfsup.data.Loader` (decode, resize to the storage size, batch; its prefetch thread and
+decode pool as the loop uses them) plus placing each batch on the devices with
+`jax.make_array_from_process_local_data`, as `train_and_evaluate` does, over:
+- a folder of JPEGs (real CIFAR-10 images upscaled to 320x240 and re-encoded at quality 90, about
+  ImageNet's mean size), resized to 256 px storage: the in1k configs' `folder` path;
+- the `npz` source (CIFAR-10 subset arrays, already decoded) at 32 px;
+- the built-in `shapes` dataset (generated) at 32 px.
+The consumption side is the MAE ViT-B/16 step's images/s from `throughput.py` (pass it with
+`--consumes`), or measured here on the quickstart config if not given. A loop whose host
+delivers faster than the step consumes never waits for data (the prefetch queue stays full).
+
+    python benchmarks/pipeline.py [--quick] [--consumes IMG_PER_S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import jax
+import numpy as np
+from PIL import Image
+
+from selfsup import data, sharding
+
+CIFAR = common.REPO.parent / "shared" / "data" / "cifar10_subset.npz"
+
+
+def jpeg_folder(root: Path, count: int) -> Path:
+    """`count` JPEGs of 320x240 px under root/<class>/, made from real CIFAR-10 images when the
+    shared subset is present (natural images compress and decode like photographs), else noise."""
+    rng = np.random.default_rng(0)
+    if CIFAR.exists():
+        with np.load(CIFAR) as z:
+            key = next(k for k in z.files if k.endswith("images"))
+            images = z[key][:count]
+    else:
+        images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        folder = root / f"class_{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        big = Image.fromarray(image).resize((320, 240), Image.Resampling.BICUBIC)
+        big.save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def delivered(source, batch_size: int, batches: int) -> float:
+    """Images/s of Loader batches placed on all devices (the first batch, warm-up, not timed)."""
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+    place = sharding.batch_sharding(mesh)
+    stream = data.Loader(source, batch_size, seed=0).iterate()
+    try:
+        next(stream)
+        start = time.perf_counter()
+        for _ in range(batches):
+            batch = next(stream)
+            arrays = [jax.make_array_from_process_local_data(place, v) for v in batch.values()]
+            jax.block_until_ready(arrays)
+        return batches * batch_size / (time.perf_counter() - start)
+    finally:
+        stream.close()
+
+
+def consumed_quickstart() -> float:
+    """Images/s of the quickstart step (MAE, small ViT, 32 px) when no figure is given."""
+    config = common.small_config("configs/quickstart.py", image_size=32, batch_size=128)
+    step = common.library_step(config)
+    step.run(1)
+    return config.batch_size / step.run(3)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer batches")
+    parser.add_argument("--consumes", type=float, default=0.0, help="the step's images/s")
+    args = parser.parse_args(argv)
+    batches = 4 if args.quick else 10
+    batch = 64
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = jpeg_folder(Path(tmp), batch * (batches + 2))
+        cases = [("folder (JPEG 320x240)", {"source": "folder", "path": str(folder)}, 256)]
+        if CIFAR.exists():
+            cases.append(("npz (CIFAR-10)", {"source": "npz", "path": str(CIFAR)}, 32))
+        cases.append(("builtin (shapes)", {"source": "builtin", "name": "shapes"}, 32))
+        for name, keys, size in cases:
+            source = data.build_source({**keys, "image_size": size}, "train")
+            rate = delivered(source, batch, batches)
+            rows.append(
+                {"source": name, "storage_px": size, "img_s": rate, "load": common.load_average()}
+            )
+    consumes = args.consumes or consumed_quickstart()
+    for row in rows:
+        row["step_img_s"] = consumes
+        row["headroom"] = row["img_s"] / consumes
+    print(common.table(rows, ("source", "storage_px", "img_s", "step_img_s", "headroom", "load")))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""ResNet v1.5 (He et al. 2016) with SimCLR's width multiplier and SimCLRv2's selective kernels.
+
+Variants are '<depth>[x<width>][-sk]': depth 18/34 (basic blocks) or 50/101/152/200 (bottleneck,
+stride on the 3x3 conv: "v1.5"), width multiplier 1-4 applied to every channel count, stem
+included (SimCLR), and '-sk' for SimCLRv2's selective-kernel bottleneck with sk_ratio 0.0625,
+which (as in SimCLRv2's official tf2 `resnet.py`) also turns on the ResNet-D projection shortcut
+(2x2 average pool, then a stride-1 1x1 conv) and the 3-conv deep stem (3x3 convs with 32w, 32w
+and 64w channels, the first of stride 2).
+
+The selective-kernel unit follows that code, not the SKNet paper: ONE 3x3 conv with 2C outputs
+(both branches 3x3, no dilation), BN-ReLU, split into two branches; their sum is averaged over
+space, mapped by a 1x1 conv to max(C * sk_ratio, 32) channels, BN-ReLU, a 1x1 conv to 2C, and a
+softmax over the two branches weights their sum. Basic blocks keep plain 3x3 convs under '-sk'
+(the official code adds the selective kernel to bottlenecks only).
+
+Padding is explicit and symmetric, equal to PyTorch's: every k x k conv pads (k - 1) / 2, the
+stem max-pool is k=3, s=2, p=1 with -inf padding. Parameter names mirror torchvision's
+(`conv1`, `bn1`, `layer{s}_{i}/conv1`, `downsample_conv`), so `export_torch` is a key-by-key
+mapping; initialisation follows torchvision (He-normal fan_out convs, BN scale 1 and bias 0).
+
+Mask mode 'sparse' follows SparK (Tian et al. 2023): the image and every feature map are zeroed
+at masked positions after every conv, norm and pooling, BatchNorm statistics are taken over kept
+positions only, and global averages (the pooled output, the SK unit's mixing) over kept
+positions only.
+
+The ResNet-D shortcut pools as the official code does: stride 1 averages each 2x2 window's
+in-bounds cells (TF 'SAME'); stride 2 zero-pads one row/column after, then takes 2x2 'VALID'
+averages (a plain 2x2 pool on even sizes).
+
+Deviations from SimCLR's official tf2 code, all to match torchvision (the export target): the
+stem max-pool pads 1 on each side instead of TF's 'SAME' (0 before, 1 after on even sizes); a
+projection shortcut exists only where the shape changes (the official code also adds one to
+ResNet-18/34's first block); convs start He-normal over fan_out instead of TF's default
+VarianceScaling (truncated normal over fan_in); the last BN of each block is zero-initialised
+only with `zero_init_last_bn=True` (always in the official code). From PyTorch: flax's BatchNorm
+keeps the biased batch variance in its running average where PyTorch keeps the unbiased one (a
+factor n/(n-1), n = positions per channel in the batch).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfsup.backbones import Features, Mask
+from selfsup.errors import UserError
+
+# depth -> (bottleneck?, blocks per stage)
+DEPTHS = {
+    18: (False, (2, 2, 2, 2)),
+    34: (False, (3, 4, 6, 3)),
+    50: (True, (3, 4, 6, 3)),
+    101: (True, (3, 4, 23, 3)),
+    152: (True, (3, 8, 36, 3)),
+    200: (True, (3, 24, 36, 3)),
+}
+WIDTHS = (1, 2, 3, 4)
+SK_RATIO = 0.0625
+SK_MIN_DIM = 32
+BN_EPS = 1e-5
+_VARIANT = re.compile(r"(\d+)(?:x(\d+))?(-sk)?")
+
+# He et al. 2015 normal init over fan_out, as torchvision's ResNet.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def parse_variant(variant: str) -> tuple[int, int, bool]:
+    """'<depth>[x<width>][-sk]' (e.g. '50', '50x2', '152x3-sk') -> (depth, width, sk)."""
+    m = _VARIANT.fullmatch(str(variant))
+    depth = int(m[1]) if m else 0
+    width = int(m[2] or 1) if m else 0
+    if depth not in DEPTHS or width not in WIDTHS:
+        raise UserError(
+            f"resnet: bad variant '{variant}'; use '<depth>[x<width>][-sk]' with depth in "
+            f"{', '.join(map(str, DEPTHS))} and width in {', '.join(map(str, WIDTHS))}, "
+            "e.g. '50', '50x2', '152x3-sk'"
+        )
+    return depth, width, bool(m[3])
+
+
+def sk_mid_dim(channels: int) -> int:
+    """Channels of the selective-kernel unit's squeeze layer."""
+    return max(int(channels * SK_RATIO), SK_MIN_DIM)
+
+
+# ---------------------------------------------------------------- sparse (SparK) helpers
+# `keep` is the stride-32 keep mask, bool [B, h, w] (True = kept), or None without a mask.
+
+
+def _keep_at(keep: jax.Array, x: jax.Array) -> jax.Array:
+    """The keep mask repeated to x's resolution: [B, h, w] -> [B, H, W, 1]."""
+    fh, fw = x.shape[1] // keep.shape[1], x.shape[2] // keep.shape[2]
+    return jnp.repeat(jnp.repeat(keep, fh, axis=1), fw, axis=2)[..., None]
+
+
+def _masked(x: jax.Array, keep: jax.Array | None) -> jax.Array:
+    """x with masked positions set to zero."""
+    return x if keep is None else jnp.where(_keep_at(keep, x), x, jnp.zeros((), x.dtype))
+
+
+def _spatial_mean(x: jax.Array, keep: jax.Array | None) -> jax.Array:
+    """Mean over kept positions, accumulated in float32: [B, H, W, C] -> [B, C] (0 for a fully
+    masked sample)."""
+    x32 = x.astype(jnp.float32)
+    if keep is None:
+        return x32.mean(axis=(1, 2)).astype(x.dtype)
+    k = _keep_at(keep, x).astype(jnp.float32)
+    return ((x32 * k).sum(axis=(1, 2)) / jnp.maximum(k.sum(axis=(1, 2)), 1)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------- layers
+
+
+def small_map_conv(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
+    """`lax.conv_general_dilated`, except a k x k conv (k > 1) whose input or output map is
+    under 3 x 3 runs as patches @ kernel: XLA:CPU takes a slow path for those convs and their
+    gradients (a 3x3 conv on a 2x2 map ~25x, the 4x4 -> 2x2 stride-2 conv's input gradient ~13x
+    slower than the same work as a dot; BENCHMARKS.md), which every ResNet at 32-64 px hits in
+    its last stages. The same values either way (up to float32 summation order)."""
+    kh, kw, cin, cout = rhs.shape
+    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if isinstance(padding, str) or dilated or (kh, kw) == (1, 1) or feature_group_count != 1:
+        small = False
+    else:
+        sides = lhs.shape[1:3]
+        out = [
+            (n + lo + hi - k) // s + 1
+            for n, (lo, hi), k, s in zip(sides, padding, (kh, kw), window_strides, strict=True)
+        ]
+        small = min(*sides, *out) < 3
+    if not small:
+        return jax.lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+    # Patches come out channel-major: feature index = c * kh * kw + i * kw + j.
+    patches = jax.lax.conv_general_dilated_patches(  # an exact gather (identity kernel)
+        lhs, (kh, kw), window_strides, padding, dimension_numbers=dimension_numbers
+    )
+    kernel = rhs.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
+    return jnp.matmul(
+        patches, kernel, precision=precision, preferred_element_type=preferred_element_type
+    )
+
+
+class _Layers(nn.Module):
+    """Shared fields and the conv / norm helpers of the modules below."""
+
+    bn_momentum: float = 0.9
+    dtype: Any = jnp.float32
+
+    def conv(self, x, features: int, k: int, stride: int, name: str, keep=None) -> jax.Array:
+        """k x k conv, PyTorch's symmetric padding (k - 1) / 2, no bias; masked after."""
+        p = (k - 1) // 2
+        conv = nn.Conv(
+            features,
+            (k, k),
+            (stride, stride),
+            padding=((p, p), (p, p)),
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=conv_init,
+            conv_general_dilated=small_map_conv,
+            name=name,
+        )
+        return _masked(conv(x), keep)
+
+    def norm(self, x, name: str, train: bool, keep=None, zero_init: bool = False) -> jax.Array:
+        """BatchNorm; statistics over kept positions only (training), masked after."""
+        bn = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=BN_EPS,
+            dtype=self.dtype,
+            use_fast_variance=False,  # two-pass variance, as PyTorch
+            scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+            name=name,
+        )
+        return _masked(bn(x, mask=None if keep is None else _keep_at(keep, x)), keep)
+
+    def conv_bn_relu(self, x, features, k, stride, conv, bn, train, keep=None) -> jax.Array:
+        return nn.relu(self.norm(self.conv(x, features, k, stride, conv, keep), bn, train, keep))
+
+
+class SelectiveKernel(_Layers):
+    """SimCLRv2's selective-kernel 3x3 unit (conv + BN-ReLU included): [B, H, W, Cin] ->
+    [B, H / stride, W / stride, channels]."""
+
+    channels: int = 64
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x, *, train: bool, keep=None) -> jax.Array:
+        c = self.channels
+        y = self.conv_bn_relu(x, 2 * c, 3, self.stride, "conv", "bn", train, keep)
+        branches = jnp.stack([y[..., :c], y[..., c:]])  # [2, B, H, W, C]
+        pooled = _spatial_mean(branches.sum(0), keep)[:, None, None]  # [B, 1, 1, C]
+        z = self.conv_bn_relu(pooled, sk_mid_dim(c), 1, 1, "fc1", "fc_bn", train)
+        logits = self.conv(z, 2 * c, 1, 1, "fc2")  # [B, 1, 1, 2C]
+        weights = jax.nn.softmax(jnp.stack([logits[..., :c], logits[..., c:]]), axis=0)
+        return (branches * weights).sum(0)
+
+
+class Block(_Layers):
+    """Residual block (basic or v1.5 bottleneck): [B, H, W, Cin] -> [B, H/s, W/s, Cout],
+    Cout = planes (basic) or 4 planes (bottleneck)."""
+
+    planes: int = 64
+    stride: int = 1
+    bottleneck: bool = True
+    sk: bool = False
+    zero_init_last_bn: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, train: bool, keep=None) -> jax.Array:
+        p, s = self.planes, self.stride
+        out_channels = 4 * p if self.bottleneck else p
+        if self.bottleneck:
+            y = self.conv_bn_relu(x, p, 1, 1, "conv1", "bn1", train, keep)
+            if self.sk:
+                y = SelectiveKernel(self.bn_momentum, self.dtype, p, s, name="conv2")(
+                    y, train=train, keep=keep
+                )
+            else:
+                y = self.conv_bn_relu(y, p, 3, s, "conv2", "bn2", train, keep)
+            y = self.conv(y, out_channels, 1, 1, "conv3", keep)
+            y = self.norm(y, "bn3", train, keep, self.zero_init_last_bn)
+        else:
+            y = self.conv_bn_relu(x, p, 3, s, "conv1", "bn1", train, keep)
+            y = self.conv(y, p, 3, 1, "conv2", keep)
+            y = self.norm(y, "bn2", train, keep, self.zero_init_last_bn)
+
+        shortcut = x
+        if s != 1 or x.shape[-1] != out_channels:
+            if self.sk:  # ResNet-D: average-pool, then a stride-1 projection
+                shortcut = _masked(resnet_d_pool(x, s), keep)
+                s = 1
+            shortcut = self.conv(shortcut, out_channels, 1, s, "downsample_conv", keep)
+            shortcut = self.norm(shortcut, "downsample_bn", train, keep)
+        return nn.relu(y + shortcut)
+
+
+def resnet_d_pool(x: jax.Array, stride: int) -> jax.Array:
+    """The ResNet-D shortcut's 2x2 average pool as in SimCLRv2's TF code: stride 1 averages the
+    in-bounds cells of each window (TF 'SAME'); stride 2 zero-pads one row/column after and
+    divides by 4 (equal to a plain 2x2 pool on even sizes)."""
+    return nn.avg_pool(
+        x, (2, 2), (stride, stride), padding=((0, 1), (0, 1)), count_include_pad=stride != 1
+    )
+
+
+class Model(_Layers):
+    """ResNet encoder: images [B, H, W, C] -> Features (see `__call__`).
+
+    `variant` is '<depth>[x<width>][-sk]'. `zero_init_last_bn` zero-initialises each block's
+    last BN scale (Goyal et al. 2017). `bn_momentum` is flax's (0.9 = PyTorch's 0.1).
+    """
+
+    variant: str = "50"
+    zero_init_last_bn: bool = False
+
+    mask_modes = ("sparse",)
+
+    def __post_init__(self):
+        parse_variant(self.variant)
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise UserError(f"resnet: bn_momentum must be in [0, 1), got {self.bn_momentum}")
+        super().__post_init__()
+
+    @property
+    def embed_dim(self) -> int:
+        """Channels of the pooled output."""
+        depth, width, _ = parse_variant(self.variant)
+        return 512 * width * (4 if DEPTHS[depth][0] else 1)
+
+    @nn.compact
+    def __call__(
+        self, images: jax.Array, *, train: bool = False, mask: Mask | None = None
+    ) -> Features:
+        """images float [B, H, W, C] -> Features.
+
+        feature_maps: the 4 stage outputs [B, H/s, W/s, C_s] at strides s = 4, 8, 16, 32 (PyTorch
+          output sizes, ceil(H / s) for sizes that do not divide).
+        pooled: [B, C_4] mean of the last map (over kept positions under a mask).
+        intermediates: "stem" (the stride-2 map after the stem's last BN-ReLU, before the
+          max-pool) and "stage_1".."stage_4" (= feature_maps).
+        mask mode 'sparse': value bool [B, H/32, W/32], True = masked; needs H, W divisible by 32.
+        """
+        depth, width, sk = parse_variant(self.variant)
+        bottleneck, blocks = DEPTHS[depth]
+        keep = self._keep(images, mask)
+        x = _masked(images.astype(self.dtype), keep)
+        c = 64 * width
+        if sk:  # SimCLRv2's deep stem
+            x = self.conv_bn_relu(x, c // 2, 3, 2, "stem_conv1", "stem_bn1", train, keep)
+            x = self.conv_bn_relu(x, c // 2, 3, 1, "stem_conv2", "stem_bn2", train, keep)
+            x = self.conv_bn_relu(x, c, 3, 1, "conv1", "bn1", train, keep)
+        else:
+            x = self.conv_bn_relu(x, c, 7, 2, "conv1", "bn1", train, keep)
+        intermediates = {"stem": x}
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+        x = _masked(x, keep)
+
+        maps = []
+        for stage, n in enumerate(blocks):
+            for i in range(n):
+                x = Block(
+                    self.bn_momentum,
+                    self.dtype,
+                    planes=c * 2**stage,
+                    stride=2 if stage > 0 and i == 0 else 1,
+                    bottleneck=bottleneck,
+                    sk=sk,
+                    zero_init_last_bn=self.zero_init_last_bn,
+                    name=f"layer{stage + 1}_{i}",
+                )(x, train=train, keep=keep)
+            maps.append(x)
+            intermediates[f"stage_{stage + 1}"] = x
+        return Features(
+            pooled=_spatial_mean(x, keep), feature_maps=tuple(maps), intermediates=intermediates
+        )
+
+    def _keep(self, images: jax.Array, mask: Mask | None) -> jax.Array | None:
+        """The stride-32 keep mask [B, h, w] (True = kept), checked, or None."""
+        if mask is None:
+            return None
+        if mask.mode not in self.mask_modes:
+            raise UserError(
+                f"resnet: mask mode '{mask.mode}' is not supported (supported: "
+                f"{', '.join(self.mask_modes)}); use an objective with a supported mode"
+            )
+        b, h, w, _ = images.shape
+        if h % 32 or w % 32 or mask.value.shape != (b, h // 32, w // 32):
+            raise UserError(
+                f"resnet: a sparse mask needs images with sides divisible by 32 and a mask of "
+                f"shape [B, H/32, W/32] = {(b, h // 32, w // 32)}; got images {h}x{w} and mask "
+                f"{tuple(mask.value.shape)}"
+            )
+        return jnp.logical_not(mask.value)
+
+
+# ---------------------------------------------------------------- export to PyTorch
+
+
+def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """variables {"params", "batch_stats"} of a `Model` (host NumPy) -> (state_dict, spec).
+
+    Width 1 without SK maps onto torchvision's `resnet{18,34,50,101,152}` (timm's `resnet200`,
+    whose names match torchvision's), built with num_classes=0; anything else onto
+    `selfsup.export.resnet_torch.ResNet(depth, width, sk_ratio)`. Conv kernels go from
+    [kh, kw, in, out] to OIHW; BN scale/bias/mean/var to weight/bias/running_mean/running_var,
+    with num_batches_tracked 0 (int64, PyTorch's buffer dtype).
+    """
+    depth, width, sk = parse_variant(model.variant)
+    bottleneck, blocks = DEPTHS[depth]
+    params = variables["params"]
+    stats = variables.get("batch_stats")
+    if not stats:
+        raise UserError("resnet export needs the backbone's batch_stats beside its params")
+    state: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+
+    def leaf(tree: dict, path: str, key: str, shape: tuple) -> np.ndarray:
+        node = tree
+        for part in path.split("/"):
+            node = node[part]
+        value = np.asarray(node[key], np.float32)
+        if value.shape != shape:
+            raise ValueError(f"resnet export: {path}/{key} has shape {value.shape}, not {shape}")
+        used.add(f"{path}/{key}")
+        return value
+
+    def conv(torch_name: str, path: str, cin: int, cout: int, k: int) -> None:
+        kernel = leaf(params, path, "kernel", (k, k, cin, cout))
+        state[f"{torch_name}.weight"] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+
+    def bn(torch_name: str, path: str, c: int) -> None:
+        state[f"{torch_name}.weight"] = leaf(params, path, "scale", (c,))
+        state[f"{torch_name}.bias"] = leaf(params, path, "bias", (c,))
+        state[f"{torch_name}.running_mean"] = leaf(stats, path, "mean", (c,))
+        state[f"{torch_name}.running_var"] = leaf(stats, path, "var", (c,))
+        state[f"{torch_name}.num_batches_tracked"] = np.array(0, np.int64)
+
+    c = 64 * width
+    if sk:
+        conv("stem_conv1", "stem_conv1", 3, c // 2, 3)
+        bn("stem_bn1", "stem_bn1", c // 2)
+        conv("stem_conv2", "stem_conv2", c // 2, c // 2, 3)
+        bn("stem_bn2", "stem_bn2", c // 2)
+        conv("conv1", "conv1", c // 2, c, 3)
+    else:
+        conv("conv1", "conv1", 3, c, 7)
+    bn("bn1", "bn1", c)
+
+    cin = c
+    for stage, n in enumerate(blocks):
+        p = c * 2**stage
+        cout = 4 * p if bottleneck else p
+        for i in range(n):
+            t, f = f"layer{stage + 1}.{i}", f"layer{stage + 1}_{i}"
+            if bottleneck:
+                conv(f"{t}.conv1", f"{f}/conv1", cin, p, 1)
+                bn(f"{t}.bn1", f"{f}/bn1", p)
+                if sk:
+                    conv(f"{t}.conv2.conv", f"{f}/conv2/conv", p, 2 * p, 3)
+                    bn(f"{t}.conv2.bn", f"{f}/conv2/bn", 2 * p)
+                    conv(f"{t}.conv2.fc1", f"{f}/conv2/fc1", p, sk_mid_dim(p), 1)
+                    bn(f"{t}.conv2.fc_bn", f"{f}/conv2/fc_bn", sk_mid_dim(p))
+                    conv(f"{t}.conv2.fc2", f"{f}/conv2/fc2", sk_mid_dim(p), 2 * p, 1)
+                else:
+                    conv(f"{t}.conv2", f"{f}/conv2", p, p, 3)
+                    bn(f"{t}.bn2", f"{f}/bn2", p)
+                conv(f"{t}.conv3", f"{f}/conv3", p, cout, 1)
+                bn(f"{t}.bn3", f"{f}/bn3", cout)
+            else:
+                conv(f"{t}.conv1", f"{f}/conv1", cin, p, 3)
+                bn(f"{t}.bn1", f"{f}/bn1", p)
+                conv(f"{t}.conv2", f"{f}/conv2", p, p, 3)
+                bn(f"{t}.bn2", f"{f}/bn2", p)
+            if (stage > 0 and i == 0) or cin != cout:
+                j = 1 if sk else 0  # ResNet-D: downsample.0 is the (parameter-free) pool
+                conv(f"{t}.downsample.{j}", f"{f}/downsample_conv", cin, cout, 1)
+                bn(f"{t}.downsample.{j + 1}", f"{f}/downsample_bn", cout)
+            cin = cout
+
+    flat = {
+        jax.tree_util.keystr(path, simple=True, separator="/")
+        for tree in (params, stats)
+        for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    if flat != used:
+        raise ValueError(f"resnet export: unmapped variables {sorted(flat - used)[:5]}")
+
+    if width == 1 and not sk:
+        if depth == 200:  # torchvision has no resnet200; timm's uses the same names
+            spec = {"library": "timm", "architecture": "resnet200"}
+        else:
+            spec = {"library": "torchvision", "architecture": f"resnet{depth}"}
+            # torchvision's num_classes=0 head is an empty Linear that strict loading expects.
+            state["fc.weight"] = np.zeros((0, cin), np.float32)
+            state["fc.bias"] = np.zeros((0,), np.float32)
+        spec["kwargs"] = {"num_classes": 0}
+    else:
+        spec = {
+            "library": "selfsup",
+            "architecture": "resnet_torch.ResNet",
+            "kwargs": {"depth": depth, "width": width, "sk_ratio": SK_RATIO if sk else 0.0},
+        }
+    spec["pooling"] = "avg"
+    return state, spec
