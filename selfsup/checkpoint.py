@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,27 @@ def _unreadable(step_dir: Path, e: BaseException, steps: list[int]) -> UserError
         f"checkpoint {step_dir} is damaged or unreadable ({_cause(e)}): restore another step "
         f"(available: {others}) or move that directory away to resume from the previous one"
     )
+
+
+def _quiet_late_reads() -> None:
+    """When a restore fails, reads of the other arrays still in flight finish later and report
+    to orbax's event loop, already closed; tensorstore then writes each "RuntimeError: Event
+    loop is closed" as an unraisable exception: a traceback after the user's one-line error.
+    Drop exactly those (seen with orbax 0.12.8); everything else goes to the previous hook."""
+    hook = sys.unraisablehook
+    if getattr(hook, "selfsup_quiet", False):
+        return
+
+    def quiet(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            hook(unraisable)
+
+    quiet.selfsup_quiet = True
+    sys.unraisablehook = quiet
+
+
+_quiet_late_reads()
 
 
 def _no_checkpoint(directory: Path) -> UserError:
