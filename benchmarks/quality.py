@@ -6,6 +6,7 @@ on the same images for the same budget.
     python benchmarks/quality.py                      # the table in BENCHMARKS.md
     python benchmarks/quality.py --quick              # every objective in ~10 minutes on 2 cores
     python benchmarks/quality.py --objectives mae,simclr --images-seen 20000 --workdir /tmp/q
+    python benchmarks/quality.py --objectives mae --images-seen 50850 --no-supervised
 
 Data: `../shared/data/cifar10_subset.npz` (5085 train / 1017 test images, 32 px) through the
 `npz` source, the code path of a user's own arrays. Every run is `selfsup.train.
@@ -263,6 +264,9 @@ def main(argv=None) -> int:
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated")
     parser.add_argument("--quick", action="store_true", help="1 epoch, a 30-epoch linear probe")
     parser.add_argument("--workdir", default="/tmp/selfsup_quality")
+    parser.add_argument(
+        "--no-supervised", action="store_true", help="random-init baseline only (budget sweeps)"
+    )
     args = parser.parse_args(argv)
     if not DATA.is_file():
         print(f"quality: {DATA} not found; this benchmark needs ../shared/data", file=sys.stderr)
@@ -297,7 +301,10 @@ def main(argv=None) -> int:
     for backbone in dict.fromkeys(OBJECTIVES[n]["backbone"] for n in names):
         config = train_config(SUPERVISED, backbone, images_seen)
         rand = random_init(config, args.quick)
-        sup = pretrain_and_eval(f"supervised_{backbone}", config, workdir, args.quick)
+        if args.no_supervised:
+            sup = dict(knn=float("nan"), linear=float("nan"), pretrain_seconds=0.0)
+        else:
+            sup = pretrain_and_eval(f"supervised_{backbone}", config, workdir, args.quick)
         baselines[backbone] = dict(
             random_knn=rand[0], random_linear=rand[1], sup_knn=sup["knn"], sup_linear=sup["linear"]
         )

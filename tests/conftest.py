@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-# One XLA compilation cache for the whole run, subprocesses included: many tests compile the same
-# train step (a run, then its resumption), and compiling dominates their time on a CPU. Set before
-# any test module imports jax, which reads it at import.
+# One XLA compilation cache for the whole run, subprocesses and pytest-xdist workers included (they
+# inherit this environment): many tests compile the same train step (a run, then its resumption),
+# and compiling dominates their time on a CPU. Set before any test module imports jax.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="selfsup-test-xla-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
@@ -22,6 +22,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`pytest -n auto`: one worker per core, at most 4. Most test time is XLA compiling, one
+    thread each; more workers than that run out of memory beside the 8-device subprocesses."""
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 @pytest.fixture

@@ -116,7 +116,7 @@ def _spatial_mean(x: jax.Array, keep: jax.Array | None) -> jax.Array:
 # ---------------------------------------------------------------- layers
 
 
-def small_map_conv(
+def fast_conv(
     lhs,
     rhs,
     window_strides,
@@ -128,43 +128,70 @@ def small_map_conv(
     precision=None,
     preferred_element_type=None,
 ):
-    """`lax.conv_general_dilated`, except a k x k conv (k > 1) whose input or output map is
-    under 3 x 3 runs as patches @ kernel: XLA:CPU takes a slow path for those convs and their
-    gradients (a 3x3 conv on a 2x2 map ~25x, the 4x4 -> 2x2 stride-2 conv's input gradient ~13x
-    slower than the same work as a dot; BENCHMARKS.md), which every ResNet at 32-64 px hits in
-    its last stages. The same values either way (up to float32 summation order)."""
+    """`lax.conv_general_dilated` for NHWC / HWIO, computed as a dot where XLA:CPU's conv is slow:
+
+    - a 1x1 conv as (strided) input @ kernel: its kernel gradient is then a dot over batch and
+      space, not a conv that XLA:CPU runs after transposing both operands (1.4-2.8x faster
+      forward + backward on ResNet-50's 1x1 shapes; BENCHMARKS.md);
+    - a k x k conv whose input or output map is under 3 x 3 as patches @ kernel, the patches
+      cut by k x k strided slices: XLA:CPU lowers those convs and their gradients to a slow
+      generic path (a 3x3 conv on a 2x2 map ~50x slower), which every ResNet at 32-64 px hits.
+
+    The same values either way (up to float32 summation order); other convs go to XLA as they
+    are, and every conv does on an accelerator only what XLA does with it anyway.
+    """
     kh, kw, cin, cout = rhs.shape
-    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    if isinstance(padding, str) or dilated or (kh, kw) == (1, 1) or feature_group_count != 1:
-        small = False
-    else:
-        sides = lhs.shape[1:3]
+    plain = (
+        not isinstance(padding, str)
+        and not any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and feature_group_count == 1
+        and _is_nhwc_hwio(dimension_numbers)
+    )
+    if plain:
         out = [
             (n + lo + hi - k) // s + 1
-            for n, (lo, hi), k, s in zip(sides, padding, (kh, kw), window_strides, strict=True)
+            for n, (lo, hi), k, s in zip(
+                lhs.shape[1:3], padding, (kh, kw), window_strides, strict=True
+            )
         ]
-        small = min(*sides, *out) < 3
-    if not small:
-        return jax.lax.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-        )
-    # Patches come out channel-major: feature index = c * kh * kw + i * kw + j.
-    patches = jax.lax.conv_general_dilated_patches(  # an exact gather (identity kernel)
-        lhs, (kh, kw), window_strides, padding, dimension_numbers=dimension_numbers
+        if (kh, kw) == (1, 1) or min(*lhs.shape[1:3], *out) < 3:
+            (plo, phi), (qlo, qhi) = padding
+            x = jnp.pad(lhs, ((0, 0), (plo, phi), (qlo, qhi), (0, 0)))
+            sh, sw = window_strides
+            cols = [  # [B, out_h, out_w, cin] per kernel offset (i, j), HWIO's order
+                x[:, i : i + sh * (out[0] - 1) + 1 : sh, j : j + sw * (out[1] - 1) + 1 : sw]
+                for i in range(kh)
+                for j in range(kw)
+            ]
+            patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+            return jnp.matmul(
+                patches,
+                rhs.reshape(kh * kw * cin, cout),
+                precision=precision,
+                preferred_element_type=preferred_element_type,
+            )
+    return jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
     )
-    kernel = rhs.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
-    return jnp.matmul(
-        patches, kernel, precision=precision, preferred_element_type=preferred_element_type
-    )
+
+
+def _is_nhwc_hwio(dimension_numbers) -> bool:
+    """Whether lax dimension numbers say NHWC input, HWIO kernel, NHWC output (Flax's)."""
+    if dimension_numbers is None:
+        return False
+    if isinstance(dimension_numbers, tuple) and all(isinstance(d, str) for d in dimension_numbers):
+        return tuple(dimension_numbers) == ("NHWC", "HWIO", "NHWC")
+    lhs, rhs, out = dimension_numbers  # lax.ConvDimensionNumbers: axis indices
+    return tuple(lhs) == (0, 3, 1, 2) and tuple(rhs) == (3, 2, 0, 1) and tuple(out) == (0, 3, 1, 2)
 
 
 class _Layers(nn.Module):
@@ -184,7 +211,7 @@ class _Layers(nn.Module):
             use_bias=False,
             dtype=self.dtype,
             kernel_init=conv_init,
-            conv_general_dilated=small_map_conv,
+            conv_general_dilated=fast_conv,
             name=name,
         )
         return _masked(conv(x), keep)
