@@ -1,6 +1,6 @@
-"""The benchmark suite in one command: throughput beside PyTorch (with MFU), matmul speed per
-shape, the MAE masking saving, the input pipeline, and scaling over emulated devices; prints one
-table per part.
+"""The benchmark suite in one command: throughput beside PyTorch (with MFU), matmul and ResNet
+conv speed per shape, the MAE masking saving, the input pipeline, and scaling over emulated
+devices; prints one table per part.
 
     python benchmarks/run.py --quick    # under 10 minutes on 2 idle cores; no torch.compile
     python benchmarks/run.py            # every objective, more rounds, 1/2/4/8 devices
@@ -14,6 +14,7 @@ import argparse
 import time
 
 import common
+import conv
 import masking
 import matmul
 import pipeline
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the short suite")
     parser.add_argument(
         "--parts",
-        default="throughput,matmul,masking,pipeline,scaling",
+        default="throughput,matmul,conv,masking,pipeline,scaling",
         help="comma-separated parts to run",
     )
     args = parser.parse_args(argv)
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     if "matmul" in parts:
         print("\n## The models' matmul shapes: jax vs PyTorch GFLOP/s")
         matmul.main(quick)
+    if "conv" in parts:
+        print("\n## ResNet-50's convs, forward + backward: XLA's conv vs fast_conv vs PyTorch")
+        conv.main(quick)
     if "masking" in parts:
         print("\n## MAE: visible-only encoder, step-time ratio vs FLOP ratio")
         masking.main(quick)
