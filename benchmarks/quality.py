@@ -24,7 +24,9 @@ The per-objective settings are each paper's views and loss scaled to 32 px and a
 steps. Deviations from the papers' recipes, for the short CPU budget: AdamW with 10% warmup and
 cosine for every objective (not LARS or SGD: one optimiser that needs no per-method tuning at
 this length), small heads and projectors, no Gaussian blur at 32 px (as SimCLR's CIFAR setting),
-SwAV with 2 x 32 + 2 x 16 crops, 100 prototypes and no queue. Rotation's view is not normalised
+SwAV with 2 x 32 + 2 x 16 crops, 100 prototypes (paper: 3000) and no queue, colour
+distortion at SimCLR's CIFAR strength 0.5 for SimCLR, Barlow Twins (officially saturation 0.2)
+and SwAV (officially strength 1). Rotation's view is not normalised
 (the objective normalises after rotating), so its evaluation view is given here as ImageNet
 normalisation: `evaluators.default_view` would feed the probe [0, 1] pixels.
 """
@@ -66,7 +68,7 @@ RESNET = dict(name="resnet", variant="18", bn_momentum=0.9, zero_init_last_bn=Tr
 BACKBONES = {"vit": VIT, "resnet18": RESNET}
 
 IMAGENET = "|normalize('imagenet')"
-# SimCLR / Barlow Twins / SwAV colour distortion at strength 1 (Chen et al. 2020, appendix A).
+# Colour distortion at strength 0.5, SimCLR's CIFAR-10 setting (Chen et al. 2020, appendix B.9).
 JITTER = "|color_jitter(0.4, 0.4, 0.4, 0.1, p=0.8)|grayscale(0.2)"
 
 
