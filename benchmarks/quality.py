@@ -7,6 +7,7 @@ on the same images for the same budget.
     python benchmarks/quality.py --quick              # every objective in ~10 minutes on 2 cores
     python benchmarks/quality.py --objectives mae,simclr --images-seen 20000 --workdir /tmp/q
     python benchmarks/quality.py --objectives mae --images-seen 50850 --no-supervised
+    python benchmarks/quality.py --objectives swav --set swav.objective.num_prototypes=3000
 
 Data: `../shared/data/cifar10_subset.npz` (5085 train / 1017 test images, 32 px) through the
 `npz` source, the code path of a user's own arrays. Every run is `selfsup.train.
@@ -34,6 +35,8 @@ normalisation: `evaluators.default_view` would feed the probe [0, 1] pixels.
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import datetime
 import importlib.util
 import json
@@ -269,7 +272,26 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--no-supervised", action="store_true", help="random-init baseline only (budget sweeps)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OBJ.SECTION.KEY=VALUE",
+        help="override one setting, e.g. swav.objective.num_prototypes=3000 (repeatable)",
+    )
     args = parser.parse_args(argv)
+    objectives = copy.deepcopy(OBJECTIVES)
+    for item in args.set:
+        path, _, value = item.partition("=")
+        name, _, rest = path.partition(".")
+        section, _, key = rest.partition(".")
+        if not value or name not in objectives or section not in ("objective", "optim") or not key:
+            parser.error(f"--set {item!r}: expected OBJ.objective.KEY=VALUE or OBJ.optim.KEY=VALUE")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a bare string
+        objectives[name][section][key] = value
     if not DATA.is_file():
         print(f"quality: {DATA} not found; this benchmark needs ../shared/data", file=sys.stderr)
         return 2
@@ -320,7 +342,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     for name in names:
-        spec = OBJECTIVES[name]
+        spec = objectives[name]
         config = train_config(spec, spec["backbone"], images_seen)
         row = pretrain_and_eval(name, config, workdir, args.quick, spec.get("eval_view", ""))
         row = dict(
