@@ -36,6 +36,17 @@ def load_average() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def match_torch_threads() -> int:
+    """Give PyTorch as many threads as the cores this process may run on (`taskset -c 0 ...`
+    gives 1), which is how XLA:CPU sizes its thread pool; PyTorch otherwise takes the machine's
+    cores and oversubscribes a restricted process. Returns the count."""
+    import torch  # here: the scripts without a PyTorch side do not need it
+
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def small_config(spec: str, *, image_size: int, batch_size: int, **keys: Any) -> mlc.ConfigDict:
     """The config file `spec` at a CPU-sized resolution and batch, on the built-in dataset.
 

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds")
     args = parser.parse_args(argv)
+    common.match_torch_threads()
     rows = []
     for name, (side, cin, cout, k, stride) in SHAPES.items():
         out_side = (side + 2 * (k // 2) - k) // stride + 1

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds")
     args = parser.parse_args(argv)
+    common.match_torch_threads()
     rows = []
     for name, (m, k, n) in SHAPES.items():
         reps = max(1, int(2e9 // (2 * m * k * n)))  # ~2 GFLOP per timing

@@ -4,32 +4,33 @@ of the same backbone measured in the same run: random initialisation and supervi
 on the same images for the same budget.
 
     python benchmarks/quality.py                      # the table in BENCHMARKS.md
-    python benchmarks/quality.py --quick              # every objective in ~10 minutes on 2 cores
+    python benchmarks/quality.py --quick              # 1 epoch each: ~25 minutes on 2 idle cores
     python benchmarks/quality.py --objectives mae,simclr --images-seen 20000 --workdir /tmp/q
     python benchmarks/quality.py --objectives mae --images-seen 50850 --no-supervised
     python benchmarks/quality.py --objectives swav --set swav.objective.num_prototypes=3000
+    python benchmarks/quality.py --objectives swav --set swav.backbone=vit --no-supervised
 
 Data: `../shared/data/cifar10_subset.npz` (5085 train / 1017 test images, 32 px) through the
 `npz` source, the code path of a user's own arrays. Every run is `selfsup.train.
 train_and_evaluate` on a config built here (batch 128, the same images seen for every objective
-and for the supervised baseline). Every objective trains the same small ViT (ViT-Ti width at
-patch 4, 4 blocks), so one random-init and one supervised baseline serve the whole table; SparK,
-which needs a convnet, brings a ResNet-18 and its own pair. The frozen backbone of the last
-checkpoint is evaluated with the protocols of `configs/eval/knn.py` (k = 20, T = 0.07) and
-`configs/eval/linear_probe.py` (MAE's, 90 epochs; 30 with `--quick`) on the pooled feature,
-without a centre crop at 32 px; both read features extracted once (`selfsup eval` extracts them
-per evaluator). Prints a Markdown table (top-1 in %) and writes `<workdir>/quality.json`, row by
-row, so that an interrupted run keeps what it measured.
+and for the supervised baseline). Each objective trains a small network of its paper's family:
+a ViT (ViT-Ti width at patch 4, 4 blocks, 32 px) for MAE, SimMIM and AIM, a ResNet-18 (64 px) for
+SimCLR, Barlow Twins, SwAV, rotation and SparK; each backbone brings its own random-init and
+supervised baselines. The frozen backbone of the last checkpoint is evaluated with the protocols
+of `configs/eval/knn.py` (k = 20, T = 0.07) and `configs/eval/linear_probe.py` (MAE's, 90 epochs;
+30 with `--quick`) on the pooled feature, through `evaluators.default_view` without a centre crop;
+both read features extracted once (`selfsup eval` extracts them per evaluator). Prints a
+Markdown table (top-1 in %) and writes `<workdir>/quality.json`, row by row, so that an
+interrupted run keeps what it measured.
 
-The per-objective settings are each paper's views and loss scaled to 32 px and a few hundred
-steps. Deviations from the papers' recipes, for the short CPU budget: AdamW with 10% warmup and
-cosine for every objective (not LARS or SGD: one optimiser that needs no per-method tuning at
-this length), small heads and projectors, no Gaussian blur at 32 px (as SimCLR's CIFAR setting),
-SwAV with 2 x 32 + 2 x 16 crops, 100 prototypes (paper: 3000) and no queue, colour
-distortion at SimCLR's CIFAR strength 0.5 for SimCLR, Barlow Twins (officially saturation 0.2)
-and SwAV (officially strength 1). Rotation's view is not normalised
-(the objective normalises after rotating), so its evaluation view is given here as ImageNet
-normalisation: `evaluators.default_view` would feed the probe [0, 1] pixels.
+The per-objective settings are each paper's views and loss scaled to 32 or 64 px and a few
+hundred steps. Deviations from the papers' recipes, for the short CPU budget: AdamW with 10%
+warmup and cosine for every objective (not LARS or SGD: one optimiser that needs no per-method
+tuning at this length), small heads and projectors, no Gaussian blur (as SimCLR's CIFAR setting),
+SwAV with 2 x 64 + 2 x 32 crops (2 x 32 + 2 x 16 on the ViT), 100 prototypes (paper: 3000) and
+no queue, colour distortion at SimCLR's CIFAR strength 0.5 for SimCLR, Barlow Twins (officially
+saturation 0.2) and SwAV (officially strength 1), ResNet-18 with the ImageNet stem on upsampled
+images (solo-learn's CIFAR ResNet-18 has a 3x3 stride-1 stem and no max-pool instead).
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10_subset.npz"
 TRAIN_IMAGES = 5085
 BATCH = 128
 
-# ViT-Ti width and heads at patch 4 (64 tokens at 32 px), 4 blocks (the quickstart's), mean-pooled,
-# no cls token: one backbone, and so one pair of baselines, for every objective but SparK (which
-# needs a convnet), AIM's prefix-causal attention included.
+# Each objective trains its paper's family: the ViT papers' (MAE, SimMIM, AIM) ViT-Ti width and
+# heads at patch 4 (64 tokens at 32 px), 4 blocks (the quickstart's), mean-pooled, no cls token;
+# the convnet papers' (SimCLR, Barlow Twins, SwAV, rotation, SparK) ResNet-18, solo-learn's CIFAR
+# backbone. One pair of baselines per backbone. `--set OBJ.backbone=vit` runs a convnet paper's
+# objective on the ViT (the views below have both sizes).
 VIT = dict(name="vit", variant="Ti/4", depth=4, cls_token=False, pool="gap")
 RESNET = dict(name="resnet", variant="18", bn_momentum=0.9, zero_init_last_bn=True)
 BACKBONES = {"vit": VIT, "resnet18": RESNET}
@@ -73,6 +76,9 @@ BACKBONES = {"vit": VIT, "resnet18": RESNET}
 IMAGENET = "|normalize('imagenet')"
 # Colour distortion at strength 0.5, SimCLR's CIFAR-10 setting (Chen et al. 2020, appendix B.9).
 JITTER = "|color_jitter(0.4, 0.4, 0.4, 0.1, p=0.8)|grayscale(0.2)"
+# View size and resize method per backbone: the ViT at the data's 32 px, the ResNet (ImageNet
+# stem, stride 32) at 64 px upsampled bicubically, so that its last stage is 2 x 2.
+SIZES = {"vit": (32, ""), "resnet18": (64, ", method='bicubic'")}
 
 
 def adamw(lr: float, warmup: float = 0.1, wd: float = 0.05, **extra) -> dict:
@@ -112,29 +118,38 @@ OBJECTIVES = {
     ),
     # Chen et al. 2020 (CIFAR setting: no blur), temperature 0.2 for a batch of 128.
     "simclr": dict(
-        backbone="vit",
-        views=(f"rrc(32, scale=(0.08, 1.0)){'|flip'}{JITTER}|normalize('none')",) * 2,
+        backbone="resnet18",
+        views={
+            b: (f"rrc({s}, scale=(0.08, 1.0){m})|flip{JITTER}|normalize('none')",) * 2
+            for b, (s, m) in SIZES.items()
+        },
         objective=dict(name="simclr", temperature=0.2, proj_layers=2, proj_dim=128),
         optim=adamw(2e-3, wd=1e-4),
     ),
-    # Zbontar et al. 2021: asymmetric solarisation (blur dropped at 32 px), lambda 0.0051.
+    # Zbontar et al. 2021: asymmetric solarisation (blur dropped, as above), lambda 0.0051.
     "barlow_twins": dict(
-        backbone="vit",
-        views=(
-            f"rrc(32, scale=(0.08, 1.0))|flip{JITTER}{IMAGENET}",
-            f"rrc(32, scale=(0.08, 1.0))|flip{JITTER}|solarize(0.2){IMAGENET}",
-        ),
+        backbone="resnet18",
+        views={
+            b: (
+                f"rrc({s}, scale=(0.08, 1.0){m})|flip{JITTER}{IMAGENET}",
+                f"rrc({s}, scale=(0.08, 1.0){m})|flip{JITTER}|solarize(0.2){IMAGENET}",
+            )
+            for b, (s, m) in SIZES.items()
+        },
         objective=dict(name="barlow_twins", projector=(1024, 1024, 1024), lambd=0.0051),
         optim=adamw(2e-3, wd=1e-4),
     ),
-    # Caron et al. 2020: multi-crop 2 x 32 (scale 0.14-1) + 2 x 16 (0.05-0.14), prototypes
-    # frozen for the first 10% of the steps.
+    # Caron et al. 2020: multi-crop, 2 crops at the view size (scale 0.14-1) + 2 at half of it
+    # (0.05-0.14), prototypes frozen for the first 10% of the steps.
     "swav": dict(
-        backbone="vit",
-        views=(
-            *[f"rrc(32, scale=(0.14, 1.0))|flip{JITTER}{IMAGENET}"] * 2,
-            *[f"rrc(16, scale=(0.05, 0.14))|flip{JITTER}{IMAGENET}"] * 2,
-        ),
+        backbone="resnet18",
+        views={
+            b: (
+                *[f"rrc({s}, scale=(0.14, 1.0){m})|flip{JITTER}{IMAGENET}"] * 2,
+                *[f"rrc({s // 2}, scale=(0.05, 0.14){m})|flip{JITTER}{IMAGENET}"] * 2,
+            )
+            for b, (s, m) in SIZES.items()
+        },
         objective=dict(
             name="swav",
             num_views=4,
@@ -148,11 +163,10 @@ OBJECTIVES = {
     ),
     # Gidaris et al. 2018: all 4 rotations of every image; the objective normalises.
     "rotation": dict(
-        backbone="vit",
-        views=("rrc(32, scale=(0.5, 1.0))|flip",),
+        backbone="resnet18",
+        views={b: (f"rrc({s}, scale=(0.5, 1.0){m})|flip",) for b, (s, m) in SIZES.items()},
         objective=dict(name="rotation", normalize="imagenet"),
         optim=adamw(2e-3, wd=1e-4),
-        eval_view="normalize('imagenet')",
     ),
     # Tian et al. 2023: 60% of the stride-32 cells masked, so the images are upsampled to 64 px
     # (a 2 x 2 grid; the ResNet baselines see 64 px too); a light decoder.
@@ -199,28 +213,24 @@ def train_config(spec: dict, backbone: str, images_seen: int) -> dict:
     )
 
 
-def eval_configs(quick: bool, view: str = "") -> list:
+def eval_configs(quick: bool) -> list:
     """k-NN (k = 20, T = 0.07) and the linear probe from configs/eval, without a centre crop."""
     out = []
     for name in ("knn", "linear_probe"):
         c = config_lib.load(str(ROOT / "configs" / "eval" / f"{name}.py"))
         c.crop_pct = 1.0
         c.batch_size = 256
-        if view:
-            c.view = view
         if quick and name == "linear_probe":
             c.epochs, c.warmup_epochs = 30, 3
         out.append(evaluators.resolve(c))
     return out
 
 
-def evaluate(train_config, variables: dict, quick: bool, view: str = "") -> tuple[float, float]:
+def evaluate(train_config, variables: dict, quick: bool) -> tuple[float, float]:
     """(k-NN, linear-probe) test top-1 of the backbone `variables` ({"params": ...,
     "batch_stats": ...}) of `train_config`'s backbone. The two protocols read the same pooled
     features, so they are extracted once (`selfsup eval` would extract them per evaluator)."""
-    knn_config, probe_config = (
-        evaluators.inherit(c, train_config) for c in eval_configs(quick, view)
-    )
+    knn_config, probe_config = (evaluators.inherit(c, train_config) for c in eval_configs(quick))
     _, encode_fn, _ = evaluators.build_backbone(
         train_config.backbone, knn_config.view, train_config.data.image_size
     )
@@ -231,7 +241,7 @@ def evaluate(train_config, variables: dict, quick: bool, view: str = "") -> tupl
     return knn_top1, linear_probe.probe(train, test, num_classes, probe_config)["top1"]
 
 
-def pretrain_and_eval(label: str, config: dict, workdir: Path, quick: bool, view: str = ""):
+def pretrain_and_eval(label: str, config: dict, workdir: Path, quick: bool):
     """Train `config` from scratch in workdir/label, then evaluate its last checkpoint."""
     run_dir = workdir / label
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time, not a resume
@@ -241,7 +251,7 @@ def pretrain_and_eval(label: str, config: dict, workdir: Path, quick: bool, view
     seconds = time.perf_counter() - start
     trees, _ = checkpoint.restore_tree(run_dir, ("params", "model_state"))
     variables = evaluators.backbone_variables(trees["params"], trees["model_state"])
-    knn_top1, linear_top1 = evaluate(resolved, variables, quick, view)
+    knn_top1, linear_top1 = evaluate(resolved, variables, quick)
     return dict(
         knn=knn_top1,
         linear=linear_top1,
@@ -277,7 +287,8 @@ def main(argv=None) -> int:
         action="append",
         default=[],
         metavar="OBJ.SECTION.KEY=VALUE",
-        help="override one setting, e.g. swav.objective.num_prototypes=3000 (repeatable)",
+        help="override one setting, e.g. swav.objective.num_prototypes=3000 or "
+        "swav.backbone=vit (repeatable)",
     )
     args = parser.parse_args(argv)
     objectives = copy.deepcopy(OBJECTIVES)
@@ -285,8 +296,16 @@ def main(argv=None) -> int:
         path, _, value = item.partition("=")
         name, _, rest = path.partition(".")
         section, _, key = rest.partition(".")
+        if rest == "backbone" and name in objectives:
+            if not isinstance(objectives[name]["views"], dict) or value not in BACKBONES:
+                parser.error(f"--set {item!r}: {name} has views for {backbone_choices(name)}")
+            objectives[name]["backbone"] = value
+            continue
         if not value or name not in objectives or section not in ("objective", "optim") or not key:
-            parser.error(f"--set {item!r}: expected OBJ.objective.KEY=VALUE or OBJ.optim.KEY=VALUE")
+            parser.error(
+                f"--set {item!r}: expected OBJ.objective.KEY=VALUE, OBJ.optim.KEY=VALUE "
+                "or OBJ.backbone=NAME"
+            )
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -322,7 +341,7 @@ def main(argv=None) -> int:
         (workdir / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
 
     baselines = {}
-    for backbone in dict.fromkeys(OBJECTIVES[n]["backbone"] for n in names):
+    for backbone in dict.fromkeys(objectives[n]["backbone"] for n in names):
         config = train_config(SUPERVISED, backbone, images_seen)
         rand = random_init(config, args.quick)
         if args.no_supervised:
@@ -344,7 +363,7 @@ def main(argv=None) -> int:
     for name in names:
         spec = objectives[name]
         config = train_config(spec, spec["backbone"], images_seen)
-        row = pretrain_and_eval(name, config, workdir, args.quick, spec.get("eval_view", ""))
+        row = pretrain_and_eval(name, config, workdir, args.quick)
         row = dict(
             objective=name,
             backbone=spec["backbone"],
@@ -370,6 +389,12 @@ def main(argv=None) -> int:
     if losing:
         print(f"quality: NOT above random init on either protocol: {', '.join(losing)}")
     return 1 if losing else 0
+
+
+def backbone_choices(name: str) -> str:
+    """The backbones objective `name` has views for, for --set's error."""
+    views = OBJECTIVES[name]["views"]
+    return ", ".join(views) if isinstance(views, dict) else OBJECTIVES[name]["backbone"] + " only"
 
 
 def print_table(rows: list[dict]) -> None:

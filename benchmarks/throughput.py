@@ -6,7 +6,9 @@ in this process. Reports images/s, step time, compile time, XLA's FLOPs per step
 FLOP/s over the FLOP/s of a float32 2048^3 jax matmul timed interleaved with the steps), XLA's
 temporary memory (the activations' peak), the params + optimizer state per device, the
 process' peak resident memory (a high-water mark: run one workload per process to read it per
-workload), and the ratio torch step time / selfsup step time (> 1: selfsup is faster).
+workload), and the ratio torch step time / selfsup step time (> 1: selfsup is faster). Beside
+a PyTorch reference, selfsup's step is also timed fed views made outside it (`views given`: the
+references' inputs are augmented tensors already), and `torch/given` is the ratio against that.
 
     python benchmarks/throughput.py [--quick] [--only mae/vit-B16,simclr/resnet50]
     taskset -c 0 python benchmarks/throughput.py ...   # one core each: fairer on a loaded machine
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
 import resource
 import sys
 
@@ -92,8 +93,10 @@ COLUMNS = (
     "state_mib",
     "rss_gib",
     "torch/selfsup",
+    "torch/given",
     "load",
 )
+GIVEN = "selfsup, views given"  # the step without its augmentation (see `views_given`)
 
 
 def peak_rss_gib() -> float:
@@ -115,14 +118,30 @@ def torch_trainers(kind: str, batch: int, size: int, compiled: bool) -> dict:
     return out
 
 
+def views_given(views: tuple[str, ...]) -> tuple[str, ...]:
+    """Each view spec reduced to its `normalize` op: the step fed views made outside it, as the
+    PyTorch references are (their inputs are augmented float tensors already)."""
+    kept = ("|".join(op for op in v.split("|") if op.startswith("normalize")) for v in views)
+    return tuple(v or "normalize('none')" for v in kept)
+
+
 def run_workload(name: str, w: Workload, rounds: int, compiled: bool) -> list[dict]:
-    """Rows of the table for one workload (selfsup first, then the references)."""
+    """Rows of the table for one workload (selfsup first, then the references). A workload with
+    a PyTorch reference also times selfsup's step without its on-device augmentation (`views
+    given`), the like-for-like comparison: `torch/selfsup` is against the whole step,
+    `torch/given` against that one."""
     config = common.small_config(w.spec, image_size=w.size, batch_size=w.batch, **dict(w.keys))
-    step = common.library_step(config)
-    step.run(1)  # the first call allocates; not timed
+    steps = {"selfsup": common.library_step(config)}
+    if w.torch:
+        keys = {**dict(w.keys), "views": views_given(tuple(config.views))}
+        given = common.small_config(w.spec, image_size=w.size, batch_size=w.batch, **keys)
+        steps[GIVEN] = common.library_step(given)
+    for step in steps.values():
+        step.run(1)  # the first call allocates; not timed
     peak_time, peak_flops = common.matmul_timer()
-    fns = {"selfsup": step.run, "matmul": peak_time}
-    compile_s = {"selfsup": step.compile_s}
+    fns = {label: step.run for label, step in steps.items()}
+    fns["matmul"] = peak_time
+    compile_s = {}
     refs = torch_trainers(w.torch, w.batch, w.size, compiled) if w.torch else {}
     for label, trainer in refs.items():
         trainer.step()
@@ -130,26 +149,26 @@ def run_workload(name: str, w: Workload, rounds: int, compiled: bool) -> list[di
         compile_s[label] = trainer.compile_s
     times = common.interleave(fns, rounds)
     load = common.load_average()
-    ours = times["selfsup"]
     peak = peak_flops / times["matmul"]
     rows = [
         {
             "workload": name,
             "px": w.size,
             "batch": w.batch,
-            "impl": "selfsup",
-            "step_s": ours,
-            "img_s": w.batch / ours,
+            "impl": label,
+            "step_s": times[label],
+            "img_s": w.batch / times[label],
             "compile_s": step.compile_s,
             "gflop": step.flops / 1e9,
-            "gflop_s": step.flops / ours / 1e9,
+            "gflop_s": step.flops / times[label] / 1e9,
             "peak_gflop_s": peak / 1e9,
-            "mfu": step.flops / ours / peak,
+            "mfu": step.flops / times[label] / peak,
             "temp_mib": step.temp_mib,
             "state_mib": step.state_mib,
             "rss_gib": peak_rss_gib(),
             "load": load,
         }
+        for label, step in steps.items()
     ]
     for label in refs:
         rows.append(
@@ -161,11 +180,12 @@ def run_workload(name: str, w: Workload, rounds: int, compiled: bool) -> list[di
                 "step_s": times[label],
                 "img_s": w.batch / times[label],
                 "compile_s": compile_s[label] or None,
-                "torch/selfsup": times[label] / ours,
+                "torch/selfsup": times[label] / times["selfsup"],
+                "torch/given": times[label] / times[GIVEN],
                 "load": load,
             }
         )
-    del step, refs
+    del steps, refs
     gc.collect()
     return rows
 
@@ -188,9 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         sys.exit(f"unknown workload {unknown[0]}; known: {', '.join(WORKLOADS)}")
     rounds = args.rounds or (3 if args.quick else 5)
-    # XLA:CPU sizes its thread pool by the cores this process may run on (`taskset -c 0 ...`
-    # gives 1); PyTorch by the machine's cores: give both the same.
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    common.match_torch_threads()
     # torch.compile's builds take minutes on 2 cores (200-350 s under load): not in --quick.
     no_compile = args.no_compile or args.quick
     why_not = "" if no_compile else torch_reference.compile_works()

@@ -11,7 +11,8 @@
 
 Deviations (each makes the reference cheaper than selfsup's step, so ratios are conservative):
 - The reference's inputs are already augmented float tensors (the official code augments on the
-  CPU in data-loader workers); selfsup's step includes its on-device augmentation.
+  CPU in data-loader workers); selfsup's step includes its on-device augmentation
+  (`throughput.py` also times it without, `views given`).
 - SimCLR's reference uses SGD with momentum, not LARS (PyTorch has no LARS; the official SimCLR
   code is TensorFlow): LARS' per-layer norms cost selfsup a little extra.
 """
