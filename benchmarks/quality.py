@@ -179,10 +179,7 @@ OBJECTIVES = {
 }
 # The baselines: the supervised objective on each backbone, at that backbone's view size.
 SUPERVISED = dict(
-    views={
-        "vit": (f"rrc(32, scale=(0.35, 1.0))|flip{IMAGENET}",),
-        "resnet18": (f"rrc(64, scale=(0.35, 1.0), method='bicubic')|flip{IMAGENET}",),
-    },
+    views={b: (f"rrc({s}, scale=(0.35, 1.0){m})|flip{IMAGENET}",) for b, (s, m) in SIZES.items()},
     objective=dict(name="supervised", label_smoothing=0.1),
     optim={"vit": adamw(1e-3), "resnet18": adamw(2e-3, wd=1e-4)},
 )
