@@ -3,7 +3,8 @@
 Explains the throughput table: a ViT step is ~80% matmul time on XLA:CPU (jax.profiler trace of
 the MAE step, BENCHMARKS.md), so its MFU and its ratio to PyTorch follow the per-shape matmul
 speed of the two libraries. Shapes (float32, [M, K] @ [K, N]): the 2048^3 peak, and MAE
-ViT-B/16 at 112 px batch 16 (encoder: 16 x 13 visible tokens; decoder: 16 x 50 tokens).
+ViT-B/16 at 112 px batch 16 (encoder: 16 x 13 visible tokens; decoder: 16 x 50 tokens), and the
+two backward products of the encoder's fc1 as the gradient computes them (a transposed operand).
 
     python benchmarks/matmul.py [--quick]
 """
@@ -20,22 +21,32 @@ import numpy as np
 import torch
 
 SHAPES = {
-    "peak 2048^3": (2048, 2048, 2048),
-    "enc qkv [208,768]x[768,2304]": (208, 768, 2304),
-    "enc fc1 [208,768]x[768,3072]": (208, 768, 3072),
-    "enc fc2 [208,3072]x[3072,768]": (208, 3072, 768),
-    "dec fc1 [800,512]x[512,2048]": (800, 512, 2048),
-    "dec fc2 [800,2048]x[2048,512]": (800, 2048, 512),
+    # name: (M, K, N, which operand is stored transposed: "", "a" ([K, M]) or "b" ([N, K]))
+    "peak 2048^3": (2048, 2048, 2048, ""),
+    "enc qkv [208,768]x[768,2304]": (208, 768, 2304, ""),
+    "enc fc1 [208,768]x[768,3072]": (208, 768, 3072, ""),
+    "enc fc1 d_input [208,3072]x[768,3072]^T": (208, 3072, 768, "b"),
+    "enc fc1 d_kernel [208,768]^T x[208,3072]": (768, 208, 3072, "a"),
+    "enc fc2 [208,3072]x[3072,768]": (208, 3072, 768, ""),
+    "dec fc1 [800,512]x[512,2048]": (800, 512, 2048, ""),
+    "dec fc2 [800,2048]x[2048,512]": (800, 2048, 512, ""),
 }
 
 
-def timers(m: int, k: int, n: int, reps: int) -> dict:
+def timers(m: int, k: int, n: int, transposed: str, reps: int) -> dict:
     """{"jax": fn, "torch": fn}: each times `reps` products and returns seconds per product."""
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    a = rng.standard_normal((k, m) if transposed == "a" else (m, k), np.float32)
+    b = rng.standard_normal((n, k) if transposed == "b" else (k, n), np.float32)
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    dot = jax.jit(jnp.dot)
+    # A transposed operand is a strided view in torch (as autograd passes it), a transpose in jax.
+    if transposed == "a":
+        ta, dot = ta.t(), jax.jit(lambda x, y: x.T @ y)
+    elif transposed == "b":
+        tb, dot = tb.t(), jax.jit(lambda x, y: x @ y.T)
+    else:
+        dot = jax.jit(jnp.dot)
     dot(ja, jb).block_until_ready()
 
     def time_jax() -> float:
@@ -59,9 +70,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     common.match_torch_threads()
     rows = []
-    for name, (m, k, n) in SHAPES.items():
+    for name, (m, k, n, transposed) in SHAPES.items():
         reps = max(1, int(2e9 // (2 * m * k * n)))  # ~2 GFLOP per timing
-        times = common.interleave(timers(m, k, n, reps), 3 if args.quick else 7)
+        times = common.interleave(timers(m, k, n, transposed, reps), 3 if args.quick else 7)
         flops = 2.0 * m * k * n
         rows.append(
             {
