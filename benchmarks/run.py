@@ -1,6 +1,6 @@
 """The benchmark suite in one command: throughput beside PyTorch (with MFU), matmul and ResNet
-conv speed per shape, the MAE masking saving, the input pipeline, and scaling over emulated
-devices; prints one table per part.
+conv speed per shape, layer blocks in Linen's form and the library's, the MAE masking saving,
+the input pipeline, and scaling over emulated devices; prints one table per part.
 
     python benchmarks/run.py --quick    # under 10 minutes on 2 idle cores; no torch.compile
     python benchmarks/run.py            # every objective, more rounds, 1/2/4/8 devices
@@ -15,6 +15,7 @@ import time
 
 import common
 import conv
+import layers
 import masking
 import matmul
 import pipeline
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the short suite")
     parser.add_argument(
         "--parts",
-        default="throughput,matmul,conv,masking,pipeline,scaling",
+        default="throughput,matmul,conv,layers,masking,pipeline,scaling",
         help="comma-separated parts to run",
     )
     args = parser.parse_args(argv)
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     if "conv" in parts:
         print("\n## ResNet-50's convs, forward + backward: XLA's conv vs fast_conv vs PyTorch")
         conv.main(quick)
+    if "layers" in parts:
+        print("\n## Layer blocks, forward + backward: Linen's form vs selfsup's vs PyTorch")
+        layers.main(quick)
     if "masking" in parts:
         print("\n## MAE: visible-only encoder, step-time ratio vs FLOP ratio")
         masking.main(quick)

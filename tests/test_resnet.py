@@ -571,3 +571,35 @@ def test_fast_conv_equals_the_convolution(size, k, stride, as_dot):
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-4)
     # The forward and backward programs hold a convolution only where XLA is left to do it.
     assert ("conv_general_dilated" in str(jax.make_jaxpr(fast)(x32, w32))) is not as_dot
+
+
+def numpy_max_pool(x: np.ndarray, g: np.ndarray, k: int, s: int, p: int):
+    """Max-pool of x (padded by p with -inf) and the gradient of sum(pool * g), float64: each
+    window's gradient goes to its first maximum in row-major order (PyTorch's rule)."""
+    b, h, w, c = x.shape
+    padded = np.full((b, h + 2 * p, w + 2 * p, c), -np.inf)
+    padded[:, p : p + h, p : p + w] = x
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    out, grad = np.zeros((b, oh, ow, c)), np.zeros_like(padded)
+    for n, i, j, ch in np.ndindex(b, oh, ow, c):
+        window = padded[n, i * s : i * s + k, j * s : j * s + k, ch]
+        first = np.unravel_index(np.argmax(window), window.shape)  # argmax: first of ties
+        out[n, i, j, ch] = window[first]
+        grad[n, i * s + first[0], j * s + first[1], ch] += g[n, i, j, ch]
+    return out, grad[:, p : p + h, p : p + w]
+
+
+@pytest.mark.parametrize("size, k, s, p", [(8, 3, 2, 1), (7, 3, 2, 1), (6, 2, 2, 0), (5, 3, 1, 1)])
+def test_max_pool_and_its_gradient_match_numpy_with_ties(size, k, s, p):
+    rng = np.random.default_rng(size + k)
+    # Small integers (ties in most windows, as ReLU's zeros and flat image regions give).
+    x = rng.integers(-2, 3, (2, size, size, 3)).astype(np.float64)
+    out = (size + 2 * p - k) // s + 1
+    g = rng.normal(size=(2, out, out, 3))
+    want, want_grad = numpy_max_pool(x, g, k, s, p)
+    got, vjp = jax.vjp(lambda v: resnet.max_pool(v, k, s, p), jnp.asarray(x, jnp.float32))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(vjp(jnp.asarray(g, jnp.float32))[0], want_grad, rtol=1e-5, atol=1e-6)
+    # The forward equals Linen's reduce-window pool.
+    linen = nn.max_pool(jnp.asarray(x, jnp.float32), (k, k), (s, s), ((p, p), (p, p)))
+    np.testing.assert_array_equal(got, linen)

@@ -40,6 +40,7 @@ import numpy as np
 
 from selfsup.backbones import Features, Mask
 from selfsup.backbones.vit import DropPath
+from selfsup.dense import Dense
 from selfsup.errors import UserError
 
 # variant -> (blocks per stage, channels per stage), as in timm's convnext.py.
@@ -87,9 +88,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=weight_init, name="fc1")(x)
+        x = Dense(self.hidden, dtype=self.dtype, kernel_init=weight_init, name="fc1")(x)
         x = nn.gelu(x, approximate=False)
-        return nn.Dense(c, dtype=self.dtype, kernel_init=weight_init, name="fc2")(x)
+        return Dense(c, dtype=self.dtype, kernel_init=weight_init, name="fc2")(x)
 
 
 class Block(nn.Module):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfsup.backbones import Features, Mask
+from selfsup.dense import Dense
 from selfsup.errors import UserError
 
 # size -> (width, depth, heads); the MLP is 4x the width.
@@ -117,11 +118,11 @@ class Attention(nn.Module):
         if d % self.num_heads:
             raise UserError(f"vit: width {d} is not divisible by {self.num_heads} heads")
         qkv_bias = self.qkv_bias and self.use_bias
-        qkv = nn.Dense(3 * d, qkv_bias, self.dtype, kernel_init=dense_init, name="qkv")(x)
+        qkv = Dense(3 * d, qkv_bias, self.dtype, kernel_init=dense_init, name="qkv")(x)
         q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 2, 0)
         # mask: bool broadcastable to [B, heads, T, T], True = may attend.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        return nn.Dense(d, self.use_bias, self.dtype, kernel_init=dense_init, name="proj")(
+        return Dense(d, self.use_bias, self.dtype, kernel_init=dense_init, name="proj")(
             out.reshape(b, t, d)
         )
 
@@ -136,9 +137,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        x = nn.Dense(self.hidden, self.use_bias, self.dtype, kernel_init=dense_init, name="fc1")(x)
+        x = Dense(self.hidden, self.use_bias, self.dtype, kernel_init=dense_init, name="fc1")(x)
         x = nn.gelu(x, approximate=False)
-        return nn.Dense(d, self.use_bias, self.dtype, kernel_init=dense_init, name="fc2")(x)
+        return Dense(d, self.use_bias, self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
 class Block(nn.Module):

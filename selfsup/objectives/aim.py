@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from selfsup.backbones import Mask, check_mask_mode, vit
 from selfsup.backbones.vit import prefix_causal_mask
+from selfsup.dense import Dense
 from selfsup.errors import UserError
 from selfsup.objectives.mae import patchify, unpatchify
 
@@ -107,12 +108,12 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
-        x = nn.Dense(self.width, dtype=self.dtype, kernel_init=vit.dense_init, name="proj")(x)
+        x = Dense(self.width, dtype=self.dtype, kernel_init=vit.dense_init, name="proj")(x)
         x = x + jnp.asarray(vit.sincos_pos_embed(*grid, self.width), x.dtype)
         for i in range(self.depth):
             x = HeadBlock(4 * self.width, self.dtype, name=f"blocks_{i}")(x)
         x = nn.LayerNorm(HEAD_LN_EPS, self.dtype, name="norm")(x)
-        return nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=vit.dense_init, name="pred")(x)
+        return Dense(self.out_dim, dtype=self.dtype, kernel_init=vit.dense_init, name="pred")(x)
 
 
 class Objective(nn.Module):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from selfsup.backbones import Mask, check_mask_mode, vit
+from selfsup.dense import Dense
 from selfsup.errors import UserError
 
 NORM_PIX_EPS = 1e-6
@@ -115,14 +116,14 @@ class Objective(nn.Module):
     def setup(self):
         p = self.backbone.patch_size
         d = self.decoder_width
-        self.decoder_embed = nn.Dense(d, dtype=self.dtype, kernel_init=vit.dense_init)
+        self.decoder_embed = Dense(d, dtype=self.dtype, kernel_init=vit.dense_init)
         self.mask_token = self.param("mask_token", vit.token_init, (1, 1, d))
         self.decoder_blocks = [
             vit.Block(self.decoder_heads, 4 * d, True, self.dtype)
             for _ in range(self.decoder_depth)
         ]
         self.decoder_norm = nn.LayerNorm(vit.LN_EPS, self.dtype)
-        self.decoder_pred = nn.Dense(p * p * CHANNELS, dtype=self.dtype, kernel_init=vit.dense_init)
+        self.decoder_pred = Dense(p * p * CHANNELS, dtype=self.dtype, kernel_init=vit.dense_init)
 
     def sample_mask(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`random_masking` for images [B, H, W, 3] with the "mask" rng stream."""

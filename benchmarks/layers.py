@@ -1,0 +1,165 @@
+"""Layer blocks, forward + backward: Linen's form against the library's, PyTorch's beside them.
+
+Explains two steps in the throughput table. Each row times `jax.grad` of sum(block(x) * g) with
+respect to the input and the weights, in three forms interleaved in one process:
+
+- ViT MLP (LayerNorm -> fc1 -> exact GELU -> fc2, residual) on MAE ViT-B/16's encoder tokens
+  [16, 13, 768] and decoder tokens [16, 50, 512]: Linen's `nn.Dense` (one dot over [B, T, D])
+  against `selfsup.dense.Dense` (the same dot on [B * T, D]);
+- ResNet-50's 1x1 conv + BatchNorm (batch statistics) + ReLU at 64 px, batch 32: the conv as a
+  [B, H, W, C] @ [C, O] matmul against `selfsup.dense.matmul` (on [B * H * W, C]);
+- the ResNet stem's 3x3/2 max-pool after a ReLU: `nn.max_pool` against
+  `selfsup.backbones.resnet.max_pool`.
+
+    python benchmarks/layers.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import common
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from selfsup import dense
+from selfsup.backbones import resnet
+
+# name: (kind, input shape [NHWC or BTD], width: MLP hidden or conv output channels)
+BLOCKS = {
+    "MAE enc MLP [16,13,768] 4x": ("mlp", (16, 13, 768), 3072),
+    "MAE dec MLP [16,50,512] 4x": ("mlp", (16, 50, 512), 2048),
+    "R50 1x1+BN+ReLU 64->256 @16": ("conv", (32, 16, 16, 64), 256),
+    "R50 1x1+BN+ReLU 128->512 @8": ("conv", (32, 8, 8, 128), 512),
+    "R50 1x1+BN+ReLU 256->64 @16": ("conv", (32, 16, 16, 256), 64),
+    "R50 stem ReLU+maxpool 3x3/2 @32": ("pool", (32, 32, 32, 64), 64),
+}
+
+
+def _layer_norm(x):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+
+
+def _batch_norm(x):
+    mean = x.mean((0, 1, 2))
+    return (x - mean) * jax.lax.rsqrt(((x - mean) ** 2).mean((0, 1, 2)) + 1e-5)
+
+
+def jax_blocks(kind: str) -> dict[str, Callable]:
+    """{"linen": f, "selfsup": f}, each f(x, *weights) -> the block's output."""
+    if kind == "mlp":
+
+        def mlp(dot):
+            return lambda x, w1, w2: x + dot(nn.gelu(dot(_layer_norm(x), w1), False), w2)
+
+        linen = jax.lax.dot_general  # what nn.Dense calls: contracts [B, T, D]'s last axis
+
+        def linen_dot(x, w):
+            return linen(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+        return {"linen": mlp(linen_dot), "selfsup": mlp(dense.matmul)}
+    if kind == "conv":
+
+        def conv(dot):
+            return lambda x, w: jax.nn.relu(_batch_norm(dot(x, w)))
+
+        return {"linen": conv(jnp.matmul), "selfsup": conv(dense.matmul)}
+
+    def pool(fn):
+        return lambda x: fn(jax.nn.relu(x))
+
+    return {
+        "linen": pool(lambda x: nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))),
+        "selfsup": pool(lambda x: resnet.max_pool(x, 3, 2, 1)),
+    }
+
+
+def torch_block(kind: str, width: int, channels: int) -> Callable:
+    if kind == "mlp":
+        norm, fc1, fc2 = (
+            torch.nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6),
+            torch.nn.Linear(channels, width, bias=False),
+            torch.nn.Linear(width, channels, bias=False),
+        )
+        return lambda x: x + fc2(torch.nn.functional.gelu(fc1(norm(x))))
+    if kind == "conv":
+        conv = torch.nn.Conv2d(channels, width, 1, bias=False)
+        norm = torch.nn.BatchNorm2d(width, affine=False)
+        return lambda x: torch.relu(norm(conv(x)))
+    return lambda x: torch.nn.functional.max_pool2d(torch.relu(x), 3, 2, 1)
+
+
+def timers(kind: str, shape: tuple, width: int, reps: int) -> dict:
+    """{"linen": fn, "selfsup": fn, "torch": fn}: each returns seconds per forward + backward."""
+    rng = np.random.default_rng(0)
+    channels = shape[-1]
+    x = rng.standard_normal(shape, np.float32)
+    weights = {
+        "mlp": [(channels, width), (width, channels)],
+        "conv": [(channels, width)],
+        "pool": [],
+    }[kind]
+    ws = [jnp.asarray(rng.standard_normal(s, np.float32) / np.sqrt(s[0])) for s in weights]
+    jx = jnp.asarray(x)
+    out = {}
+    for name, block in jax_blocks(kind).items():
+        g = jnp.asarray(rng.standard_normal(jax.eval_shape(block, jx, *ws).shape, np.float32))
+        fn = jax.jit(
+            jax.grad(lambda *a, block=block, g=g: jnp.sum(block(*a) * g), range(1 + len(ws)))
+        )
+        jax.block_until_ready(fn(jx, *ws))
+
+        def once(fn=fn) -> float:
+            start = time.perf_counter()
+            for _ in range(reps):
+                jax.block_until_ready(fn(jx, *ws))
+            return (time.perf_counter() - start) / reps
+
+        out[name] = once
+    block = torch_block(kind, width, channels)
+    nchw = x if kind == "mlp" else x.transpose(0, 3, 1, 2).copy()
+    tx = torch.from_numpy(nchw).requires_grad_()
+    tg = torch.from_numpy(rng.standard_normal(tuple(block(tx).shape), np.float32))
+
+    def time_torch() -> float:
+        start = time.perf_counter()
+        for _ in range(reps):
+            tx.grad = None
+            block(tx).backward(tg)
+        return (time.perf_counter() - start) / reps
+
+    out["torch"] = time_torch
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    args = parser.parse_args(argv)
+    common.match_torch_threads()
+    rows = []
+    for name, (kind, shape, width) in BLOCKS.items():
+        t = common.interleave(timers(kind, shape, width, reps=10), 3 if args.quick else 7)
+        rows.append(
+            {
+                "block (forward + backward)": name,
+                "linen ms": 1e3 * t["linen"],
+                "selfsup ms": 1e3 * t["selfsup"],
+                "torch ms": 1e3 * t["torch"],
+                "linen/selfsup": t["linen"] / t["selfsup"],
+                "torch/selfsup": t["torch"] / t["selfsup"],
+                "load": common.load_average(),
+            }
+        )
+    print(common.table(rows, tuple(rows[0])))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
