@@ -237,13 +237,12 @@ def _max_pool_bwd(k, s, p, residuals, g):
         taken = taken | first
         i, j = divmod(n, k)
         # Each output cell's share back at its window offset: interior padding s - 1 strides it.
-        lo_h, lo_w = i, j
-        hi_h = padded_shape[1] - lo_h - (s * (out.shape[1] - 1) + 1)
-        hi_w = padded_shape[2] - lo_w - (s * (out.shape[2] - 1) + 1)
+        hi_h = padded_shape[1] - i - (s * (out.shape[1] - 1) + 1)
+        hi_w = padded_shape[2] - j - (s * (out.shape[2] - 1) + 1)
         grad = grad + jax.lax.pad(
             jnp.where(first, g, zero),
             zero,
-            ((0, 0, 0), (lo_h, hi_h, s - 1), (lo_w, hi_w, s - 1), (0, 0, 0)),
+            ((0, 0, 0), (i, hi_h, s - 1), (j, hi_w, s - 1), (0, 0, 0)),
         )
     h, w = x.shape[1:3]
     return (grad[:, p : p + h, p : p + w],)
