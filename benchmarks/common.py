@@ -8,6 +8,7 @@ compare A and B interleaved in one process (A, B, A, B, ...) and report medians.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import statistics
@@ -45,6 +46,16 @@ def match_torch_threads() -> int:
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     return threads
+
+
+def kernel_rounds(argv: list[str] | None, doc: str) -> int:
+    """The interleaved rounds of a per-kernel script (matmul, conv, layers) from its command line
+    (`--quick`: 3, else 7), with PyTorch's threads matched to this process' cores."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    args = parser.parse_args(argv)
+    match_torch_threads()
+    return 3 if args.quick else 7
 
 
 def small_config(spec: str, *, image_size: int, batch_size: int, **keys: Any) -> mlc.ConfigDict:

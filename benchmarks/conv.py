@@ -11,7 +11,6 @@ float32; each timing is `jax.grad` of sum(conv(x, w) * g) with respect to x and 
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import common
@@ -83,16 +82,13 @@ def timers(side: int, cin: int, cout: int, k: int, stride: int, reps: int) -> di
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds")
-    args = parser.parse_args(argv)
-    common.match_torch_threads()
+    rounds = common.kernel_rounds(argv, __doc__)
     rows = []
     for name, (side, cin, cout, k, stride) in SHAPES.items():
         out_side = (side + 2 * (k // 2) - k) // stride + 1
         flops = 3 * 2.0 * BATCH * out_side**2 * k * k * cin * cout  # forward + 2 gradients
         reps = max(1, int(1e9 // flops))  # ~1 GFLOP per timing
-        t = common.interleave(timers(side, cin, cout, k, stride, reps), 3 if args.quick else 7)
+        t = common.interleave(timers(side, cin, cout, k, stride, reps), rounds)
         rows.append(
             {
                 "conv (batch 32, NHWC)": name,

@@ -16,7 +16,6 @@ respect to the input and the weights, in three forms interleaved in one process:
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
@@ -139,13 +138,10 @@ def timers(kind: str, shape: tuple, width: int, reps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds")
-    args = parser.parse_args(argv)
-    common.match_torch_threads()
+    rounds = common.kernel_rounds(argv, __doc__)
     rows = []
     for name, (kind, shape, width) in BLOCKS.items():
-        t = common.interleave(timers(kind, shape, width, reps=10), 3 if args.quick else 7)
+        t = common.interleave(timers(kind, shape, width, reps=10), rounds)
         rows.append(
             {
                 "block (forward + backward)": name,

@@ -11,7 +11,6 @@ two backward products of the encoder's fc1 as the gradient computes them (a tran
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import common
@@ -65,14 +64,11 @@ def timers(m: int, k: int, n: int, transposed: str, reps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds")
-    args = parser.parse_args(argv)
-    common.match_torch_threads()
+    rounds = common.kernel_rounds(argv, __doc__)
     rows = []
     for name, (m, k, n, transposed) in SHAPES.items():
         reps = max(1, int(2e9 // (2 * m * k * n)))  # ~2 GFLOP per timing
-        times = common.interleave(timers(m, k, n, transposed, reps), 3 if args.quick else 7)
+        times = common.interleave(timers(m, k, n, transposed, reps), rounds)
         flops = 2.0 * m * k * n
         rows.append(
             {
