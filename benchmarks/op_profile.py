@@ -1,0 +1,77 @@
+"""Where a train step's time goes: per-op totals from a `jax.profiler` trace of the library's step.
+
+Traces `--steps` steps of one throughput workload (`throughput.WORKLOADS`; `--given`: fed views
+made outside the step, like for like with the PyTorch references) and prints the XLA ops' time
+summed by kind (the op name without its `.N` suffix: `ynn_fusion`, `dot`, `copy_bitcast_fusion`,
+...) and the slowest single ops, per step. The trace stays in `--trace-dir` for Perfetto or
+TensorBoard. This is how BENCHMARKS.md's *Why, from the profiles* was read.
+
+    taskset -c 0 python benchmarks/op_profile.py --only simclr/resnet50 --given
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import common
+import jax
+import throughput
+
+# Trace events that are not XLA ops: the Python frames and the executor's own spans.
+NOT_OPS = ("$", "ThunkExecutor", "PjitFunction")
+
+
+def op_times(trace_dir: str) -> collections.Counter:
+    """{op name: total microseconds} from the Perfetto trace `jax.profiler` wrote."""
+    (path,) = sorted(Path(trace_dir).rglob("*.trace.json.gz"))[-1:]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    out = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and not e["name"].startswith(NOT_OPS):
+            out[e["name"]] += e["dur"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> collections.Counter:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="simclr/resnet50", choices=sorted(throughput.WORKLOADS))
+    parser.add_argument("--given", action="store_true", help="views made outside the step")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=15, help="rows per table")
+    parser.add_argument("--trace-dir", default="")
+    args = parser.parse_args(argv)
+    w = throughput.WORKLOADS[args.only]
+    config = common.small_config(w.spec, image_size=w.size, batch_size=w.batch, **dict(w.keys))
+    if args.given:
+        keys = {**dict(w.keys), "views": throughput.views_given(tuple(config.views))}
+        config = common.small_config(w.spec, image_size=w.size, batch_size=w.batch, **keys)
+    step = common.library_step(config)
+    step_s = step.run(3)  # warm: the first calls allocate
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="selfsup-trace-")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        step.run(args.steps)
+    ops = op_times(trace_dir)
+    kinds = collections.Counter()
+    for name, us in ops.items():
+        kinds[re.sub(r"\.\d+$", "", name)] += us
+    total = sum(ops.values())
+    print(f"{args.only}{' (views given)' if args.given else ''}: step {step_s:.3g} s untraced,")
+    print(f"XLA ops {total / 1e6 / args.steps:.3g} s per step traced; trace in {trace_dir}\n")
+    for title, counter in (("op kind", kinds), ("op", ops)):
+        rows = [
+            {title: name, "ms/step": us / 1e3 / args.steps, "share": us / total}
+            for name, us in counter.most_common(args.top)
+        ]
+        print(common.table(rows, (title, "ms/step", "share")) + "\n")
+    return kinds
+
+
+if __name__ == "__main__":
+    main()
