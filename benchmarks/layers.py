@@ -57,10 +57,8 @@ def jax_blocks(kind: str) -> dict[str, Callable]:
         def mlp(dot):
             return lambda x, w1, w2: x + dot(nn.gelu(dot(_layer_norm(x), w1), False), w2)
 
-        linen = jax.lax.dot_general  # what nn.Dense calls: contracts [B, T, D]'s last axis
-
-        def linen_dot(x, w):
-            return linen(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        def linen_dot(x, w):  # what nn.Dense calls: one dot contracting [B, T, D]'s last axis
+            return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
         return {"linen": mlp(linen_dot), "selfsup": mlp(dense.matmul)}
     if kind == "conv":
