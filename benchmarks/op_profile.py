@@ -47,11 +47,7 @@ def main(argv: list[str] | None = None) -> collections.Counter:
     parser.add_argument("--top", type=int, default=15, help="rows per table")
     parser.add_argument("--trace-dir", default="")
     args = parser.parse_args(argv)
-    w = throughput.WORKLOADS[args.only]
-    config = common.small_config(w.spec, image_size=w.size, batch_size=w.batch, **dict(w.keys))
-    if args.given:
-        keys = {**dict(w.keys), "views": throughput.views_given(tuple(config.views))}
-        config = common.small_config(w.spec, image_size=w.size, batch_size=w.batch, **keys)
+    config = throughput.workload_config(throughput.WORKLOADS[args.only], args.given)
     step = common.library_step(config)
     step_s = step.run(3)  # warm: the first calls allocate
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="selfsup-trace-")

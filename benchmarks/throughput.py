@@ -23,6 +23,7 @@ import resource
 import sys
 
 import common
+import ml_collections as mlc
 import torch
 import torch_reference
 
@@ -125,17 +126,23 @@ def views_given(views: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(v or "normalize('none')" for v in kept)
 
 
+def workload_config(w: Workload, given: bool = False) -> mlc.ConfigDict:
+    """The workload's CPU-sized config; `given`: its views reduced by `views_given`."""
+    config = common.small_config(w.spec, image_size=w.size, batch_size=w.batch, **dict(w.keys))
+    if not given:
+        return config
+    keys = {**dict(w.keys), "views": views_given(tuple(config.views))}
+    return common.small_config(w.spec, image_size=w.size, batch_size=w.batch, **keys)
+
+
 def run_workload(name: str, w: Workload, rounds: int, compiled: bool) -> list[dict]:
     """Rows of the table for one workload (selfsup first, then the references). A workload with
     a PyTorch reference also times selfsup's step without its on-device augmentation (`views
     given`), the like-for-like comparison: `torch/selfsup` is against the whole step,
     `torch/given` against that one."""
-    config = common.small_config(w.spec, image_size=w.size, batch_size=w.batch, **dict(w.keys))
-    steps = {"selfsup": common.library_step(config)}
+    steps = {"selfsup": common.library_step(workload_config(w))}
     if w.torch:
-        keys = {**dict(w.keys), "views": views_given(tuple(config.views))}
-        given = common.small_config(w.spec, image_size=w.size, batch_size=w.batch, **keys)
-        steps[GIVEN] = common.library_step(given)
+        steps[GIVEN] = common.library_step(workload_config(w, given=True))
     for step in steps.values():
         step.run(1)  # the first call allocates; not timed
     peak_time, peak_flops = common.matmul_timer()

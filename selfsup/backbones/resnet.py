@@ -157,14 +157,8 @@ def fast_conv(
             )
         ]
         if (kh, kw) == (1, 1) or min(*lhs.shape[1:3], *out) < 3:
-            (plo, phi), (qlo, qhi) = padding
-            x = jnp.pad(lhs, ((0, 0), (plo, phi), (qlo, qhi), (0, 0)))
-            sh, sw = window_strides
-            cols = [  # [B, out_h, out_w, cin] per kernel offset (i, j), HWIO's order
-                x[:, i : i + sh * (out[0] - 1) + 1 : sh, j : j + sw * (out[1] - 1) + 1 : sw]
-                for i in range(kh)
-                for j in range(kw)
-            ]
+            # [B, out_h, out_w, cin] per kernel offset (i, j), in HWIO's order
+            cols, _ = _window_views(lhs, (kh, kw), window_strides, padding, 0.0)
             patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
             return dense.matmul(  # as [B * out_h * out_w, k * k * cin] @ [k * k * cin, cout]
                 patches,
@@ -196,17 +190,23 @@ def _is_nhwc_hwio(dimension_numbers) -> bool:
     return tuple(lhs) == (0, 3, 1, 2) and tuple(rhs) == (3, 2, 0, 1) and tuple(out) == (0, 3, 1, 2)
 
 
-def _pool_windows(x: jax.Array, k: int, s: int, p: int) -> tuple[list, tuple]:
-    """The k * k strided views [B, out_h, out_w, C] of x padded by p with -inf, one per window
-    offset in row-major order, and the padded shape."""
-    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
-    oh, ow = ((n + 2 * p - k) // s + 1 for n in x.shape[1:3])
+def _window_views(x: jax.Array, window, strides, padding, value: float) -> tuple[list, tuple]:
+    """The kh * kw strided views [B, out_h, out_w, C] of x padded by `padding` ((lo, hi) per
+    spatial axis) with `value`, one per window offset in row-major order, and the padded shape."""
+    padded = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=value)
+    (kh, kw), (sh, sw) = window, strides
+    oh, ow = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
     views = [
-        padded[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s]
-        for i in range(k)
-        for j in range(k)
+        padded[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
     ]
     return views, padded.shape
+
+
+def _pool_windows(x: jax.Array, k: int, s: int, p: int) -> tuple[list, tuple]:
+    """`_window_views` of a k x k window of stride s, padded by p with -inf."""
+    return _window_views(x, (k, k), (s, s), ((p, p), (p, p)), -jnp.inf)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
