@@ -42,6 +42,8 @@ from selfsup.backbones import Features, Mask
 from selfsup.backbones.vit import DropPath
 from selfsup.dense import Dense
 from selfsup.errors import UserError
+from selfsup.gelu import gelu
+from selfsup.layer_norm import LayerNorm
 
 # variant -> (blocks per stage, channels per stage), as in timm's convnext.py.
 VARIANTS = {
@@ -63,9 +65,8 @@ KERNEL = 7
 weight_init = nn.initializers.normal(0.02)
 
 
-def layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
-    # Two-pass variance, as PyTorch computes it: E[x^2] - E[x]^2 loses digits on large means.
-    return nn.LayerNorm(LN_EPS, dtype, use_fast_variance=False, name=name)
+def layer_norm(dtype: Any, name: str) -> LayerNorm:
+    return LayerNorm(LN_EPS, dtype, name=name)
 
 
 def keep(x: jax.Array, kept: jax.Array | None) -> jax.Array:
@@ -89,7 +90,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         x = Dense(self.hidden, dtype=self.dtype, kernel_init=weight_init, name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         return Dense(c, dtype=self.dtype, kernel_init=weight_init, name="fc2")(x)
 
 

@@ -22,9 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfsup.attention import attention
 from selfsup.backbones import Features, Mask
 from selfsup.dense import Dense
 from selfsup.errors import UserError
+from selfsup.gelu import gelu
+from selfsup.layer_norm import LayerNorm
 
 # size -> (width, depth, heads); the MLP is 4x the width.
 SIZES = {
@@ -119,9 +122,8 @@ class Attention(nn.Module):
             raise UserError(f"vit: width {d} is not divisible by {self.num_heads} heads")
         qkv_bias = self.qkv_bias and self.use_bias
         qkv = Dense(3 * d, qkv_bias, self.dtype, kernel_init=dense_init, name="qkv")(x)
-        q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 2, 0)
         # mask: bool broadcastable to [B, heads, T, T], True = may attend.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = attention(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), mask)
         return Dense(d, self.use_bias, self.dtype, kernel_init=dense_init, name="proj")(
             out.reshape(b, t, d)
         )
@@ -138,7 +140,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         x = Dense(self.hidden, self.use_bias, self.dtype, kernel_init=dense_init, name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         return Dense(d, self.use_bias, self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
@@ -157,11 +159,11 @@ class Block(nn.Module):
         self, x: jax.Array, *, train: bool = False, mask: jax.Array | None = None
     ) -> jax.Array:
         drop = DropPath(self.drop_path)
-        y = nn.LayerNorm(LN_EPS, self.dtype, name="norm1")(x)
+        y = LayerNorm(LN_EPS, self.dtype, name="norm1")(x)
         attn = Attention(self.num_heads, self.qkv_bias, self.dtype, self.use_bias, name="attn")
         y = attn(y, mask)
         x = x + drop(y, train=train)
-        y = nn.LayerNorm(LN_EPS, self.dtype, name="norm2")(x)
+        y = LayerNorm(LN_EPS, self.dtype, name="norm2")(x)
         y = Mlp(self.mlp_dim, self.dtype, self.use_bias, name="mlp")(y)
         return x + drop(y, train=train)
 
@@ -276,7 +278,7 @@ class Model(nn.Module):
             )
             x = block(x, train=train, mask=attn_mask)
             intermediates[f"block_{i}"] = x
-        x = nn.LayerNorm(LN_EPS, self.dtype, name="norm")(x)
+        x = LayerNorm(LN_EPS, self.dtype, name="norm")(x)
 
         tokens = x[:, n_prefix:]
         cls = x[:, 0] if self.cls_token else None

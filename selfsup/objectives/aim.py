@@ -41,6 +41,7 @@ from selfsup.backbones import Mask, check_mask_mode, vit
 from selfsup.backbones.vit import prefix_causal_mask
 from selfsup.dense import Dense
 from selfsup.errors import UserError
+from selfsup.layer_norm import LayerNorm
 from selfsup.objectives.mae import patchify, unpatchify
 
 __all__ = ["Head", "Objective", "aim_loss", "prefix_causal_mask", "sample_prefix_len"]
@@ -93,8 +94,8 @@ class HeadBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # l3m keeps the attention residual with GenericIdentity as attention: x + norm1(x).
-        x = x + nn.LayerNorm(HEAD_LN_EPS, self.dtype, name="norm1")(x)
-        y = nn.LayerNorm(HEAD_LN_EPS, self.dtype, name="norm2")(x)
+        x = x + LayerNorm(HEAD_LN_EPS, self.dtype, name="norm1")(x)
+        y = LayerNorm(HEAD_LN_EPS, self.dtype, name="norm2")(x)
         return x + vit.Mlp(self.mlp_dim, self.dtype, use_bias=False, name="mlp")(y)
 
 
@@ -112,7 +113,7 @@ class Head(nn.Module):
         x = x + jnp.asarray(vit.sincos_pos_embed(*grid, self.width), x.dtype)
         for i in range(self.depth):
             x = HeadBlock(4 * self.width, self.dtype, name=f"blocks_{i}")(x)
-        x = nn.LayerNorm(HEAD_LN_EPS, self.dtype, name="norm")(x)
+        x = LayerNorm(HEAD_LN_EPS, self.dtype, name="norm")(x)
         return Dense(self.out_dim, dtype=self.dtype, kernel_init=vit.dense_init, name="pred")(x)
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from selfsup.backbones import Mask, check_mask_mode, vit
 from selfsup.dense import Dense
 from selfsup.errors import UserError
+from selfsup.layer_norm import LayerNorm
 
 NORM_PIX_EPS = 1e-6
 CHANNELS = 3
@@ -122,7 +123,7 @@ class Objective(nn.Module):
             vit.Block(self.decoder_heads, 4 * d, True, self.dtype)
             for _ in range(self.decoder_depth)
         ]
-        self.decoder_norm = nn.LayerNorm(vit.LN_EPS, self.dtype)
+        self.decoder_norm = LayerNorm(vit.LN_EPS, self.dtype)
         self.decoder_pred = Dense(p * p * CHANNELS, dtype=self.dtype, kernel_init=vit.dense_init)
 
     def sample_mask(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 
 from selfsup.backbones import Mask, check_mask_mode
 from selfsup.errors import UserError
+from selfsup.layer_norm import LayerNorm
 from selfsup.objectives.mae import patchify, unpatchify
 
 STRIDE = 32  # the encoder's downsampling = the mask cell = the loss patch
@@ -167,7 +168,7 @@ class Densify(nn.Module):
                 name="norm",
             )(x, mask=kept)
         elif self.norm == "ln":  # per position over channels: kept positions unaffected by others
-            x = nn.LayerNorm(LN_EPS, self.dtype, use_fast_variance=False, name="norm")(x)
+            x = LayerNorm(LN_EPS, self.dtype, name="norm")(x)
         token = self.param("mask_token", mask_token_init, (c,)).astype(x.dtype)
         x = jnp.where(kept, x, token)
         if self.width is None:

@@ -1,0 +1,64 @@
+"""selfsup.attention: softmax attention from a fused qkv against NumPy float64 (values) and
+float64 central differences (gradients), with and without a mask."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selfsup.attention import attention
+from selfsup.backbones.vit import prefix_causal_mask
+
+B, T, N, H = 2, 5, 2, 3
+
+
+def numpy_attention(qkv: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """qkv [B, T, 3, N, H] float64 -> [B, T, N, H]."""
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, N, T, H]
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(H)
+    if mask is not None:
+        logits = np.where(mask, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs @ v).transpose(0, 2, 1, 3)
+
+
+def central_difference(f, x, h=1e-6):
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[i] = h
+        grad[i] = (f(x + step) - f(x - step)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_and_its_gradient_match_numpy_float64(masked):
+    rng = np.random.default_rng(int(masked))
+    qkv = rng.normal(size=(B, T, 3, N, H))
+    w = rng.normal(size=(B, T, N, H))
+    # Prefix-causal (AIM), one prefix per sample: [B, 1, T, T].
+    mask = np.asarray(prefix_causal_mask(T, np.array([1, 3])))[:, None] if masked else None
+    jmask = None if mask is None else jnp.asarray(mask)
+    qkv32 = jnp.asarray(qkv, jnp.float32)
+    np.testing.assert_allclose(
+        attention(qkv32, jmask), numpy_attention(qkv, mask), rtol=1e-5, atol=1e-5
+    )
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(attention(x, jmask) * w)))(qkv32)
+    want = central_difference(lambda x: np.sum(numpy_attention(x, mask) * w), qkv)
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-5)
+    # The GPU/TPU path, `jax.nn.dot_product_attention`, gives the same values.
+    q, k, v = jnp.moveaxis(qkv32, 2, 0)
+    np.testing.assert_allclose(
+        attention(qkv32, jmask), jax.nn.dot_product_attention(q, k, v, mask=jmask), atol=1e-6
+    )
+
+
+def test_bfloat16_attention_returns_bfloat16_close_to_float32():
+    qkv = jax.random.normal(jax.random.key(0), (B, T, 3, N, H))
+    out = attention(qkv.astype(jnp.bfloat16))
+    grad = jax.grad(lambda x: jnp.sum(attention(x)).astype(jnp.float32))(qkv.astype(jnp.bfloat16))
+    assert out.dtype == grad.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), attention(qkv), atol=3e-2)

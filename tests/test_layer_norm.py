@@ -1,0 +1,67 @@
+"""selfsup.layer_norm: values against NumPy float64, gradients against float64 central
+differences, parameters and outputs as Linen's LayerNorm."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selfsup.layer_norm import LayerNorm, layer_norm
+
+EPS = 1e-6
+
+
+def numpy_layer_norm(x, scale, bias, eps=EPS):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def central_difference(f, x, h=1e-6):
+    """d f / d x for a scalar float64 f of array x."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[i] = h
+        grad[i] = (f(x + step) - f(x - step)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 3, 8)])
+def test_layer_norm_and_its_gradients_match_numpy_float64(shape):
+    rng = np.random.default_rng(len(shape))
+    x = rng.normal(size=shape) * 2.0 + 0.5
+    scale, bias = rng.normal(size=8), rng.normal(size=8)
+    w = rng.normal(size=shape)
+    args32 = [jnp.asarray(a, jnp.float32) for a in (x, scale, bias)]
+    np.testing.assert_allclose(
+        layer_norm(*args32, EPS), numpy_layer_norm(x, scale, bias), rtol=1e-5, atol=1e-5
+    )
+    grads = jax.grad(lambda x, s, b: jnp.sum(layer_norm(x, s, b, EPS) * w), (0, 1, 2))(*args32)
+    expected = (
+        central_difference(lambda x: np.sum(numpy_layer_norm(x, scale, bias) * w), x),
+        central_difference(lambda s: np.sum(numpy_layer_norm(x, s, bias) * w), scale),
+        central_difference(lambda b: np.sum(numpy_layer_norm(x, scale, b) * w), bias),
+    )
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_module_has_linens_parameters_and_output():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16)) * 3.0 + 1.0
+    ours, linen = LayerNorm(1e-6), nn.LayerNorm(1e-6)
+    params = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, linen.init(jax.random.key(1), x)
+    )
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+    np.testing.assert_allclose(ours.apply(params, x), linen.apply(params, x), atol=2e-5)
+    # Output dtype as Linen's: `dtype` when given, else x's promoted with float32.
+    xb = x.astype(jnp.bfloat16)
+    assert LayerNorm(1e-6, jnp.bfloat16).apply(params, xb).dtype == jnp.bfloat16
+    assert ours.apply(params, xb).dtype == nn.LayerNorm(1e-6).apply(params, xb).dtype
+    dx = jax.grad(lambda x: jnp.sum(LayerNorm(1e-6, jnp.bfloat16).apply(params, x)))(xb)
+    assert dx.dtype == jnp.bfloat16
