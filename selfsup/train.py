@@ -98,6 +98,16 @@ def make_grad_fn(model, views_fn, seed: int):
     return grad_fn
 
 
+def global_norm(tree) -> jax.Array:
+    """sqrt(sum of every leaf's squared entries), each leaf read once.
+
+    `optax.tree.norm` squares with `x * x`, which XLA:CPU merges with AdamW's own `g * g` and
+    then writes out as a gradient-sized tensor before reducing it (65 ms of the MAE ViT-B/16
+    step on one core); behind the barrier the square stays inside the reduction."""
+    leaves = (jax.lax.optimization_barrier(x).astype(jnp.float32) for x in jax.tree.leaves(tree))
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in leaves))
+
+
 def make_train_step(model, tx, views_fn, seed: int, schedule):
     """train_step(state, batch) -> (state, metrics): augment, forward, backward, update."""
     grad_fn = make_grad_fn(model, views_fn, seed)
@@ -115,8 +125,8 @@ def make_train_step(model, tx, views_fn, seed: int, schedule):
         metrics = {
             **metrics,
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params),  # NaN here means the update broke the model
+            "grad_norm": global_norm(grads),
+            "param_norm": global_norm(params),  # NaN here means the update broke the model
             "lr": schedule(state.step),
         }
         return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
