@@ -3,7 +3,9 @@
 Traces `--steps` steps of one throughput workload (`throughput.WORKLOADS`; `--given`: fed views
 made outside the step, like for like with the PyTorch references) and prints the XLA ops' time
 summed by kind (the op name without its `.N` suffix: `ynn_fusion`, `dot`, `copy_bitcast_fusion`,
-...) and the slowest single ops, per step. The trace stays in `--trace-dir` for Perfetto or
+...), by source (the JAX operation each op came from, per the compiled HLO's metadata, with
+block indices folded: `fwd decoder_blocks_*/mlp/fc1/dot_general`) and the slowest single ops,
+per step. The trace stays in `--trace-dir` for Perfetto or
 TensorBoard. This is how BENCHMARKS.md's *Why, from the profiles* was read.
 
     taskset -c 0 python benchmarks/op_profile.py --only simclr/resnet50 --given
@@ -25,6 +27,8 @@ import throughput
 
 # Trace events that are not XLA ops: the Python frames and the executor's own spans.
 NOT_OPS = ("$", "ThunkExecutor", "PjitFunction")
+# An HLO instruction and the JAX operation it came from: `  %name = ... op_name="..."`.
+OP_NAME = r'^\s+(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"'
 
 
 def op_times(trace_dir: str) -> collections.Counter:
@@ -36,6 +40,17 @@ def op_times(trace_dir: str) -> collections.Counter:
     for e in events:
         if e.get("ph") == "X" and "dur" in e and not e["name"].startswith(NOT_OPS):
             out[e["name"]] += e["dur"]
+    return out
+
+
+def sources(hlo_text: str) -> dict[str, str]:
+    """{op name: the JAX operation it came from} from the compiled HLO's `op_name` metadata;
+    'fwd ' / 'bwd ' for the forward / backward pass, block indices folded to '*'."""
+    out = {}
+    for name, op in re.findall(OP_NAME, hlo_text, re.M):
+        op = re.sub(r"blocks_\d+", "blocks_*", op.replace("jit(train_step)/", "", 1))
+        op = re.sub(r"^transpose\(jvp\([^)]*\)\)/", "bwd ", op)
+        out.setdefault(name, re.sub(r"^jvp\([^)]*\)/", "fwd ", op))
     return out
 
 
@@ -54,13 +69,15 @@ def main(argv: list[str] | None = None) -> collections.Counter:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         step.run(args.steps)
     ops = op_times(trace_dir)
-    kinds = collections.Counter()
+    kinds, by_source = collections.Counter(), collections.Counter()
+    source = sources(step.fn.as_text())
     for name, us in ops.items():
         kinds[re.sub(r"\.\d+$", "", name)] += us
+        by_source[source.get(name, "(no metadata)")] += us
     total = sum(ops.values())
     print(f"{args.only}{' (views given)' if args.given else ''}: step {step_s:.3g} s untraced,")
     print(f"XLA ops {total / 1e6 / args.steps:.3g} s per step traced; trace in {trace_dir}\n")
-    for title, counter in (("op kind", kinds), ("op", ops)):
+    for title, counter in (("op kind", kinds), ("source", by_source), ("op", ops)):
         rows = [
             {title: name, "ms/step": us / 1e3 / args.steps, "share": us / total}
             for name, us in counter.most_common(args.top)
