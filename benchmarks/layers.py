@@ -4,8 +4,9 @@ Explains two steps in the throughput table. Each row times `jax.grad` of sum(blo
 respect to the input and the weights, in three forms interleaved in one process:
 
 - ViT MLP (LayerNorm -> fc1 -> exact GELU -> fc2, residual) on MAE ViT-B/16's encoder tokens
-  [16, 13, 768] and decoder tokens [16, 50, 512]: Linen's `nn.Dense` (one dot over [B, T, D])
-  against `selfsup.dense.Dense` (the same dot on [B * T, D]);
+  [16, 13, 768] and decoder tokens [16, 50, 512]: Linen's `nn.Dense` (one dot over [B, T, D]),
+  `jax.nn.gelu` and an autodiff LayerNorm against the library's `selfsup.dense.Dense` (the same
+  dot on [B * T, D]), `selfsup.gelu` and `selfsup.layer_norm`;
 - ResNet-50's 1x1 conv + BatchNorm (batch statistics) + ReLU at 64 px, batch 32: the conv as a
   [B, H, W, C] @ [C, O] matmul against `selfsup.dense.matmul` (on [B * H * W, C]);
 - the ResNet stem's 3x3/2 max-pool after a ReLU: `nn.max_pool` against
@@ -28,6 +29,8 @@ import torch
 
 from selfsup import dense
 from selfsup.backbones import resnet
+from selfsup.gelu import gelu
+from selfsup.layer_norm import layer_norm
 
 # name: (kind, input shape [NHWC or BTD], width: MLP hidden or conv output channels)
 BLOCKS = {
@@ -54,13 +57,20 @@ def jax_blocks(kind: str) -> dict[str, Callable]:
     """{"linen": f, "selfsup": f}, each f(x, *weights) -> the block's output."""
     if kind == "mlp":
 
-        def mlp(dot):
-            return lambda x, w1, w2: x + dot(nn.gelu(dot(_layer_norm(x), w1), False), w2)
+        def mlp(dot, norm, act):
+            return lambda x, w1, w2: x + dot(act(dot(norm(x), w1)), w2)
 
         def linen_dot(x, w):  # what nn.Dense calls: one dot contracting [B, T, D]'s last axis
             return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
-        return {"linen": mlp(linen_dot), "selfsup": mlp(dense.matmul)}
+        def selfsup_norm(x):  # no affine, as the other two forms
+            c = x.shape[-1]
+            return layer_norm(x, jnp.ones(c), jnp.zeros(c), 1e-6)
+
+        return {
+            "linen": mlp(linen_dot, _layer_norm, lambda h: nn.gelu(h, approximate=False)),
+            "selfsup": mlp(dense.matmul, selfsup_norm, gelu),
+        }
     if kind == "conv":
 
         def conv(dot):
