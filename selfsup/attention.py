@@ -5,9 +5,9 @@ same softmax(q k^T / sqrt(H) + mask) v with batch-leading dots ([B, N, T, H]) an
 hand-written backward that writes the qkv gradient as one [B, T, 3, N, H] stack: autodiff of
 `dot_product_attention` leaves XLA:CPU transposes around every attention dot, three padded
 copies of the q, k and v gradients summed into two layouts of the qkv gradient, and a
-materialised broadcast in the softmax. The MAE ViT-B/16 step on one core: 2.5% faster
-(BENCHMARKS.md, *Elementwise work*). The choice is made by `jax.lax.platform_dependent` when
-the step is lowered.
+materialised broadcast in the softmax. The MAE ViT-B/16 step's attention work on one core:
+202 -> 120 ms (BENCHMARKS.md, *Elementwise work*). `jax.lax.platform_dependent` makes the
+choice when the step is lowered.
 """
 
 from __future__ import annotations

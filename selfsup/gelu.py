@@ -5,7 +5,7 @@ through `erfc`, a piecewise polynomial several times the work of `erf`, and auto
 `erf(...)` as one more activation-sized tensor for the backward. Here the forward is one pass
 over x and the backward recomputes Phi(x) from x (d/dx = Phi(x) + x * phi(x)), behind an
 `optimization_barrier` so XLA does not merge that recomputation with the forward's and store
-it. On one core the MAE ViT-B/16 step's GELU work drops from 153 to 68 ms (BENCHMARKS.md,
+it. On one core the MAE ViT-B/16 step's GELU work drops from 151 to 69 ms (BENCHMARKS.md,
 *Elementwise work*). Computed in float32 for any input dtype, returned in the input's dtype.
 """
 

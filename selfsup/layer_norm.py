@@ -11,7 +11,7 @@ per layer; the backward here is the closed form
 
 with xhat recomputed from the saved x, mean and rstd (behind an `optimization_barrier`, so
 XLA does not store the forward's xhat instead). The MAE ViT-B/16 step's LayerNorm work on one
-core: 98 -> 62 ms (BENCHMARKS.md, *Elementwise work*).
+core: 97 -> 60 ms (BENCHMARKS.md, *Elementwise work*).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # One XLA compilation cache for the whole run, subprocesses and pytest-xdist workers included (they
@@ -22,6 +23,28 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def numpy_attention(qkv: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """softmax(q k^T / sqrt(H)) v per head, float64: qkv [B, T, 3, N, H] -> [B, T, N, H];
+    allowed: bool broadcastable to [B, N, T, T], True = may attend."""
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, N, T, H]
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(qkv.shape[-1])
+    if allowed is not None:
+        logits = np.where(allowed, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs @ v).transpose(0, 2, 1, 3)
+
+
+def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """d f / d x by float64 central differences, for a scalar NumPy function f of array x."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[i] = eps
+        grad[i] = (f(x + step) - f(x - step)) / (2 * eps)
+    return grad
 
 
 @pytest.hookimpl(optionalhook=True)

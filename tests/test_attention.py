@@ -7,31 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import numeric_grad, numpy_attention
 
 from selfsup.attention import attention
 from selfsup.backbones.vit import prefix_causal_mask
 
 B, T, N, H = 2, 5, 2, 3
-
-
-def numpy_attention(qkv: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """qkv [B, T, 3, N, H] float64 -> [B, T, N, H]."""
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, N, T, H]
-    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(H)
-    if mask is not None:
-        logits = np.where(mask, logits, -np.inf)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return (probs @ v).transpose(0, 2, 1, 3)
-
-
-def central_difference(f, x, h=1e-6):
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        step = np.zeros_like(x)
-        step[i] = h
-        grad[i] = (f(x + step) - f(x - step)) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -47,7 +28,7 @@ def test_attention_and_its_gradient_match_numpy_float64(masked):
         attention(qkv32, jmask), numpy_attention(qkv, mask), rtol=1e-5, atol=1e-5
     )
     grad = jax.jit(jax.grad(lambda x: jnp.sum(attention(x, jmask) * w)))(qkv32)
-    want = central_difference(lambda x: np.sum(numpy_attention(x, mask) * w), qkv)
+    want = numeric_grad(lambda x: np.sum(numpy_attention(x, mask) * w), qkv)
     np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-5)
     # The GPU/TPU path, `jax.nn.dot_product_attention`, gives the same values.
     q, k, v = jnp.moveaxis(qkv32, 2, 0)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, numeric_grad, run_python
 
 from selfsup import augment, objectives, optim, train
 from selfsup import config as config_lib
@@ -44,15 +44,6 @@ def ref_loss(z1, z2, lambd):
     invariance = sum((1 - c[i, i]) ** 2 for i in range(d))
     redundancy = sum(c[i, j] ** 2 for i in range(d) for j in range(d) if j != i)
     return invariance + lambd * redundancy
-
-
-def numeric_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[idx] = eps
-        g[idx] = (f(x + d) - f(x - d)) / (2 * eps)
-    return g
 
 
 # ---------------------------------------------------------------- the loss

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import numeric_grad
 
 from selfsup.layer_norm import LayerNorm, layer_norm
 
@@ -18,16 +19,6 @@ def numpy_layer_norm(x, scale, bias, eps=EPS):
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
     return (x - mean) / np.sqrt(var + eps) * scale + bias
-
-
-def central_difference(f, x, h=1e-6):
-    """d f / d x for a scalar float64 f of array x."""
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        step = np.zeros_like(x)
-        step[i] = h
-        grad[i] = (f(x + step) - f(x - step)) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("shape", [(3, 8), (2, 3, 8)])
@@ -42,9 +33,9 @@ def test_layer_norm_and_its_gradients_match_numpy_float64(shape):
     )
     grads = jax.grad(lambda x, s, b: jnp.sum(layer_norm(x, s, b, EPS) * w), (0, 1, 2))(*args32)
     expected = (
-        central_difference(lambda x: np.sum(numpy_layer_norm(x, scale, bias) * w), x),
-        central_difference(lambda s: np.sum(numpy_layer_norm(x, s, bias) * w), scale),
-        central_difference(lambda b: np.sum(numpy_layer_norm(x, scale, b) * w), bias),
+        numeric_grad(lambda x: np.sum(numpy_layer_norm(x, scale, bias) * w), x),
+        numeric_grad(lambda s: np.sum(numpy_layer_norm(x, s, bias) * w), scale),
+        numeric_grad(lambda b: np.sum(numpy_layer_norm(x, scale, b) * w), bias),
     )
     for got, want in zip(grads, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, numeric_grad, run_python
 
 from selfsup import augment, checkpoint, objectives, optim, train
 from selfsup import config as config_lib
@@ -38,15 +38,6 @@ def ref_nt_xent(z1, z2, t):
         denom = sum(np.exp(sim[i, k] / t) for k in range(m) if k != i)
         total += -np.log(np.exp(sim[i, j] / t) / denom)
     return total / m
-
-
-def numeric_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[idx] = eps
-        g[idx] = (f(x + d) - f(x - d)) / (2 * eps)
-    return g
 
 
 def ref_bn_train(x, scale, bias, eps=1e-5):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import numpy_attention
 
 from selfsup.backbones import Features, Mask, vit
 from selfsup.errors import UserError
@@ -51,13 +52,7 @@ def ref_attention(x, p, heads, allowed=None):
     b, t, d = x.shape
     dh = d // heads
     qkv = ref_dense(x, p["qkv"]).reshape(b, t, 3, heads, dh)
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, H, T, dh]
-    logits = q @ k.transpose(0, 1, 3, 2) / math.sqrt(dh)
-    if allowed is not None:
-        logits = np.where(allowed, logits, -np.inf)
-    w = np.exp(logits - logits.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    out = (w @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
+    out = numpy_attention(qkv, allowed).reshape(b, t, d)
     return ref_dense(out, p["proj"])
 
 
