@@ -9,6 +9,9 @@ per step. The trace stays in `--trace-dir` for Perfetto or
 TensorBoard. This is how BENCHMARKS.md's *Why, from the profiles* was read.
 
     taskset -c 0 python benchmarks/op_profile.py --only simclr/resnet50 --given
+
+`--torch` profiles the workload's PyTorch reference step instead (eager, `torch.profiler`),
+its ops by self CPU time per step, for the same comparison from the other side.
 """
 
 from __future__ import annotations
@@ -54,14 +57,42 @@ def sources(hlo_text: str) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> collections.Counter:
+def torch_profile(name: str, steps: int, top: int) -> None:
+    """Print the PyTorch reference step's ops by self CPU time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    w = throughput.WORKLOADS[name]
+    if not w.torch:
+        raise SystemExit(f"{name} has no PyTorch reference")
+    common.match_torch_threads()
+    trainer = throughput.torch_trainers(w.torch, w.batch, w.size, compiled=False)["torch eager"]
+    step_s = min(trainer.step() for _ in range(3))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            trainer.step()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    print(
+        f"{name}, PyTorch eager: step {step_s:.3g} s untraced, {total / 1e6 / steps:.3g} s traced\n"
+    )
+    rows = [
+        {"op": e.key, "ms/step": e.self_cpu_time_total / 1e3 / steps, "calls": e.count // steps}
+        for e in events
+    ]
+    print(common.table(rows, ("op", "ms/step", "calls")))
+
+
+def main(argv: list[str] | None = None) -> collections.Counter | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="simclr/resnet50", choices=sorted(throughput.WORKLOADS))
     parser.add_argument("--given", action="store_true", help="views made outside the step")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=15, help="rows per table")
     parser.add_argument("--trace-dir", default="")
+    parser.add_argument("--torch", action="store_true", help="profile the PyTorch reference")
     args = parser.parse_args(argv)
+    if args.torch:
+        return torch_profile(args.only, args.steps, args.top)
     config = throughput.workload_config(throughput.WORKLOADS[args.only], args.given)
     step = common.library_step(config)
     step_s = step.run(3)  # warm: the first calls allocate
