@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import subprocess
@@ -23,6 +24,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def numpy_gelu(x: np.ndarray) -> np.ndarray:
+    """Exact GELU, x * Phi(x), float64."""
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def numpy_layer_norm(x: np.ndarray, scale, bias, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis with two-pass statistics, float64."""
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
 
 
 def numpy_attention(qkv: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:

@@ -4,7 +4,6 @@ no information leaks from a target patch to its prediction; evaluation attention
 bidirectional; the smoke config end to end with a resume and reconstruction images."""
 
 import json
-import math
 from pathlib import Path
 
 import flax.linen as nn
@@ -12,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, numpy_gelu, numpy_layer_norm
 from PIL import Image
 
 from selfsup import checkpoint, objectives, train
@@ -73,9 +72,7 @@ def ref_pos_embed(gh, gw, dim):
 
 
 def ref_ln(x, p, eps=1e-5):
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+    return numpy_layer_norm(x, p["scale"], p["bias"], eps)
 
 
 def ref_head(x, p, grid, depth):
@@ -85,8 +82,7 @@ def ref_head(x, p, grid, depth):
     for i in range(depth):
         blk = p[f"blocks_{i}"]
         x = x + ref_ln(x, blk["norm1"])  # the attention branch, attention = identity
-        h = ref_ln(x, blk["norm2"]) @ blk["mlp"]["fc1"]["kernel"]
-        h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+        h = numpy_gelu(ref_ln(x, blk["norm2"]) @ blk["mlp"]["fc1"]["kernel"])
         x = x + h @ blk["mlp"]["fc2"]["kernel"]
     return ref_ln(x, p["norm"]) @ p["pred"]["kernel"] + p["pred"]["bias"]
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, numpy_gelu, numpy_layer_norm, run_python
 
 from selfsup import backbones, checkpoint, train
 from selfsup import config as config_lib
@@ -26,9 +26,7 @@ MASKED = np.array([[[1, 0], [0, 1]], [[0, 1], [0, 0]]], bool)
 
 
 def ref_ln(x, p, eps=1e-6):
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+    return numpy_layer_norm(x, p["scale"], p["bias"], eps)
 
 
 def ref_patch_conv(x, p, k):
@@ -49,10 +47,6 @@ def ref_dwconv(x, p):
         for dx in range(7):
             out += padded[:, dy : dy + h, dx : dx + w] * k[dy, dx]
     return out + p["bias"]
-
-
-def ref_gelu(x):
-    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
 
 
 def ref_dense(x, p):
@@ -81,7 +75,7 @@ def ref_convnext(images, p, depths, masked=None):
         for j in range(depth):
             q = stage[f"blocks_{j}"]
             y = z(ref_ln(z(ref_dwconv(z(x), q["conv_dw"])), q["norm"]))
-            y = ref_dense(ref_gelu(ref_dense(y, q["mlp"]["fc1"])), q["mlp"]["fc2"]) * q["gamma"]
+            y = ref_dense(numpy_gelu(ref_dense(y, q["mlp"]["fc1"])), q["mlp"]["fc2"]) * q["gamma"]
             x = x + z(y)
         maps.append(x)
     if masked is None:
@@ -248,7 +242,7 @@ def test_mlp_uses_exact_erf_gelu():
     x = rng.normal(size=(B, 8, 8, 32)).astype(np.float32)
     got = np.asarray(jax.jit(mlp.apply)({"params": p}, x), np.float64)
     h = ref_dense(x.astype(np.float64), f64(p)["fc1"])
-    np.testing.assert_allclose(got, ref_dense(ref_gelu(h), f64(p)["fc2"]), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, ref_dense(numpy_gelu(h), f64(p)["fc2"]), atol=2e-5, rtol=1e-5)
     tanh = 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
     assert np.abs(got - ref_dense(tanh, f64(p)["fc2"])).max() > 1e-3
 

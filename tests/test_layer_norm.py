@@ -8,17 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import numeric_grad
+from conftest import numeric_grad, numpy_layer_norm
 
 from selfsup.layer_norm import LayerNorm, layer_norm
 
 EPS = 1e-6
-
-
-def numpy_layer_norm(x, scale, bias, eps=EPS):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * scale + bias
 
 
 @pytest.mark.parametrize("shape", [(3, 8), (2, 3, 8)])
@@ -29,13 +23,13 @@ def test_layer_norm_and_its_gradients_match_numpy_float64(shape):
     w = rng.normal(size=shape)
     args32 = [jnp.asarray(a, jnp.float32) for a in (x, scale, bias)]
     np.testing.assert_allclose(
-        layer_norm(*args32, EPS), numpy_layer_norm(x, scale, bias), rtol=1e-5, atol=1e-5
+        layer_norm(*args32, EPS), numpy_layer_norm(x, scale, bias, EPS), rtol=1e-5, atol=1e-5
     )
     grads = jax.grad(lambda x, s, b: jnp.sum(layer_norm(x, s, b, EPS) * w), (0, 1, 2))(*args32)
     expected = (
-        numeric_grad(lambda x: np.sum(numpy_layer_norm(x, scale, bias) * w), x),
-        numeric_grad(lambda s: np.sum(numpy_layer_norm(x, s, bias) * w), scale),
-        numeric_grad(lambda b: np.sum(numpy_layer_norm(x, scale, b) * w), bias),
+        numeric_grad(lambda x: np.sum(numpy_layer_norm(x, scale, bias, EPS) * w), x),
+        numeric_grad(lambda s: np.sum(numpy_layer_norm(x, s, bias, EPS) * w), scale),
+        numeric_grad(lambda b: np.sum(numpy_layer_norm(x, scale, b, EPS) * w), bias),
     )
     for got, want in zip(grads, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

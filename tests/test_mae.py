@@ -2,14 +2,13 @@
 the official code's documented behaviour; the objective's forward against a NumPy forward; and
 the training contract (finite loss, gradients everywhere, loss falls on a fixed batch)."""
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import numpy_attention, numpy_gelu, numpy_layer_norm
 
 from selfsup import objectives
 from selfsup.backbones import vit
@@ -64,10 +63,7 @@ def ref_pos_embed(gh, gw, dim):
 
 
 def ref_ln(x, p):
-    mu = x.mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * p["scale"] + p[
-        "bias"
-    ]
+    return numpy_layer_norm(x, p["scale"], p["bias"], 1e-6)
 
 
 def ref_dense(x, p):
@@ -77,13 +73,8 @@ def ref_dense(x, p):
 def ref_block(x, p, heads):
     b, t, d = x.shape
     qkv = ref_dense(ref_ln(x, p["norm1"]), p["attn"]["qkv"]).reshape(b, t, 3, heads, d // heads)
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    logits = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d // heads)
-    w = np.exp(logits - logits.max(-1, keepdims=True))
-    a = (w / w.sum(-1, keepdims=True)) @ v
-    x = x + ref_dense(a.transpose(0, 2, 1, 3).reshape(b, t, d), p["attn"]["proj"])
-    h = ref_dense(ref_ln(x, p["norm2"]), p["mlp"]["fc1"])
-    h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+    x = x + ref_dense(numpy_attention(qkv).reshape(b, t, d), p["attn"]["proj"])
+    h = numpy_gelu(ref_dense(ref_ln(x, p["norm2"]), p["mlp"]["fc1"]))
     return x + ref_dense(h, p["mlp"]["fc2"])
 
 

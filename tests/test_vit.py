@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import numpy_attention
+from conftest import numpy_attention, numpy_gelu
 
 from selfsup.backbones import Features, Mask, vit
 from selfsup.errors import UserError
@@ -56,12 +56,8 @@ def ref_attention(x, p, heads, allowed=None):
     return ref_dense(out, p["proj"])
 
 
-def ref_gelu(x):
-    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
-
-
 def ref_mlp(x, p):
-    return ref_dense(ref_gelu(ref_dense(x, p["fc1"])), p["fc2"])
+    return ref_dense(numpy_gelu(ref_dense(x, p["fc1"])), p["fc2"])
 
 
 def ref_block(x, p, heads):

@@ -2,12 +2,12 @@
 against their definitions and a NumPy float64 forward pass written from the equations."""
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import numpy_attention, numpy_gelu, numpy_layer_norm
 
 from selfsup.backbones import Mask, check_mask_mode, vit
 
@@ -35,26 +35,16 @@ def ref_forward(images, p, heads, prefix):
     x = x + vit.sincos_pos_embed(g, g, 32).astype(np.float64)
 
     def ln(x, q):
-        mu = x.mean(-1, keepdims=True)
-        return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * q["scale"] + q[
-            "bias"
-        ]
+        return numpy_layer_norm(x, q["scale"], q["bias"], 1e-6)
 
     allowed = np.stack([ref_prefix_causal(N, k) for k in prefix])[:, None]  # [B, 1, N, N]
     dh = 32 // heads
     for i in range(2):
         q = p[f"blocks_{i}"]
         y = ln(x, q["norm1"]) @ q["attn"]["qkv"]["kernel"]
-        qs, ks, vs = (
-            y.reshape(b, N, 3, heads, dh)[:, :, j].transpose(0, 2, 1, 3) for j in range(3)
-        )
-        logits = np.where(allowed, qs @ ks.transpose(0, 1, 3, 2) / math.sqrt(dh), -np.inf)
-        weights = np.exp(logits - logits.max(-1, keepdims=True))
-        weights /= weights.sum(-1, keepdims=True)
-        att = (weights @ vs).transpose(0, 2, 1, 3).reshape(b, N, 32)
+        att = numpy_attention(y.reshape(b, N, 3, heads, dh), allowed).reshape(b, N, 32)
         x = x + att @ q["attn"]["proj"]["kernel"]
-        hid = ln(x, q["norm2"]) @ q["mlp"]["fc1"]["kernel"]
-        hid = 0.5 * hid * (1 + np.vectorize(math.erf)(hid / math.sqrt(2)))
+        hid = numpy_gelu(ln(x, q["norm2"]) @ q["mlp"]["fc1"]["kernel"])
         x = x + hid @ q["mlp"]["fc2"]["kernel"]
     return ln(x, p["norm"])
 
