@@ -142,11 +142,7 @@ def library_step(config: mlc.ConfigDict, devices: Sequence[jax.Device] | None = 
         "label": rng.integers(0, 10, (config.batch_size,), dtype=np.int32),
     }
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in host.items()}
-    step = jax.jit(
-        train.make_train_step(model, tx, views_fn, config.seed, schedule),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    step = train.jit_train_step(model, tx, views_fn, config.seed, schedule, mesh, shardings)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

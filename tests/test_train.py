@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,12 +13,14 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, run_python
 
-from selfsup import checkpoint, data, train
+from selfsup import augment, checkpoint, data, optim, sharding, train
 from selfsup import config as config_lib
+from selfsup import state as state_lib
 
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py"))
 
@@ -176,6 +179,32 @@ def test_python_dash_m_train_is_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(losses(tmp_path)) == [1, 2]
     assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"
+
+
+def test_the_step_updates_donated_parameters_without_copying_them_first():
+    """On XLA:CPU, `jit_train_step` compiles with copy insertion by region analysis; the
+    default copy insertion copies each donated parameter before the step reads it."""
+    config = smoke()
+    mesh = sharding.make_mesh(config.mesh)
+    tx, schedule = optim.build(config.optim, batch_size=config.batch_size, total_steps=10)
+    model = train.build_model(config, num_classes=10)
+    views_fn = augment.build(config.views)
+    size = config.data.image_size
+    image = jnp.zeros((config.batch_size, size, size, 3), jnp.uint8)
+    views = jax.eval_shape(views_fn, image, jax.random.key(0))
+    views = tuple(jnp.zeros(v.shape, v.dtype) for v in views)
+    state, shardings = state_lib.create(model, tx, views, 0, mesh, config.param_sharding)
+    batch = {"image": image, "label": jnp.zeros((config.batch_size,), jnp.int32)}
+
+    def parameter_copies(**options) -> int:
+        step = train.jit_train_step(model, tx, views_fn, 0, schedule, mesh, shardings)
+        if options:  # the default copy insertion, for contrast
+            step = jax.jit(step.__wrapped__, donate_argnums=0, compiler_options=options)
+        hlo = step.lower(state, batch).compile().as_text()
+        return len(re.findall(r"copy\(%state_params_", hlo))
+
+    assert parameter_copies() == 0
+    assert parameter_copies(xla_cpu_copy_insertion_use_region_analysis=False) > 0
 
 
 def test_bfloat16_compute_keeps_float32_parameters(tmp_path):

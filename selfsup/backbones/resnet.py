@@ -50,6 +50,7 @@ import numpy as np
 
 from selfsup import dense
 from selfsup.backbones import Features, Mask
+from selfsup.batch_norm import BatchNorm
 from selfsup.errors import UserError
 
 # depth -> (bottleneck?, blocks per stage)
@@ -273,21 +274,25 @@ class _Layers(nn.Module):
         )
         return _masked(conv(x), keep)
 
-    def norm(self, x, name: str, train: bool, keep=None, zero_init: bool = False) -> jax.Array:
-        """BatchNorm; statistics over kept positions only (training), masked after."""
-        bn = nn.BatchNorm(
+    def norm(
+        self, x, name: str, train: bool, keep=None, zero_init: bool = False, relu: bool = False
+    ) -> jax.Array:
+        """BatchNorm (then ReLU if `relu`); statistics over kept positions only (training),
+        masked after."""
+        bn = BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=BN_EPS,
             dtype=self.dtype,
-            use_fast_variance=False,  # two-pass variance, as PyTorch
+            relu=relu,
             scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
             name=name,
         )
         return _masked(bn(x, mask=None if keep is None else _keep_at(keep, x)), keep)
 
     def conv_bn_relu(self, x, features, k, stride, conv, bn, train, keep=None) -> jax.Array:
-        return nn.relu(self.norm(self.conv(x, features, k, stride, conv, keep), bn, train, keep))
+        x = self.conv(x, features, k, stride, conv, keep)
+        return self.norm(x, bn, train, keep, relu=True)
 
 
 class SelectiveKernel(_Layers):
