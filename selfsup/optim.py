@@ -150,7 +150,7 @@ def scale_by_trust_ratio(coefficient: float) -> optax.GradientTransformation:
     The values of `optax.scale_by_trust_ratio(trust_coefficient=eta)`, without its `safe_norm`:
     that takes each norm twice, the second of a full-size `where(norm <= 0, 1, x)` copy (there
     for gradients through the norm, which an update never takes): 75 ms of the 0.63 s SimCLR
-    ResNet-50 step on 2 cores (BENCHMARKS.md, Optimizer passes)."""
+    ResNet-50 step on 2 cores (BENCHMARKS.md, *LARS trust ratio*)."""
 
     def norm(x: jax.Array) -> jax.Array:
         return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))

@@ -138,7 +138,7 @@ def compiler_options(mesh) -> dict:
     """XLA options for the train step. On CPU, copy insertion by region analysis: by default
     XLA:CPU copies every donated parameter before the step reads it (124 copies in the MAE
     ViT-B/16 step), as it cannot prove the last read comes before the update writes in place;
-    without them the MAE and SimCLR steps are 2-4% faster (BENCHMARKS.md, *Host memory and
+    without them the MAE and SimCLR steps are 2-4% faster (BENCHMARKS.md, *Parameter
     copies*)."""
     if any(device.platform != "cpu" for device in mesh.devices.flat):
         return {}
