@@ -8,7 +8,8 @@ touches ~100k new zero pages: 103k minor page faults and ~0.15 s of kernel time 
 ResNet-50 step on one core (BENCHMARKS.md, *Host memory*). With one malloc arena for all
 threads (a worker thread's own arena cannot grow past 64 MiB without `mmap`), no `mmap` for
 large blocks and no trimming of the heap's top, the freed buffer stays mapped and the next
-step reuses its pages: no faults.
+step reuses its pages: no faults in most steps (when the heap is fragmented, glibc still
+extends it and part of the buffer is faulted in anew).
 
 The cost: the process keeps its peak heap mapped (what a training process holds anyway), and
 threads share one arena's lock. glibc only; a no-op elsewhere, and when SELFSUP_HOST_MEMORY=default.

@@ -32,9 +32,9 @@ stem max-pool pads 1 on each side instead of TF's 'SAME' (0 before, 1 after on e
 projection shortcut exists only where the shape changes (the official code also adds one to
 ResNet-18/34's first block); convs start He-normal over fan_out instead of TF's default
 VarianceScaling (truncated normal over fan_in); the last BN of each block is zero-initialised
-only with `zero_init_last_bn=True` (always in the official code). From PyTorch: flax's BatchNorm
-keeps the biased batch variance in its running average where PyTorch keeps the unbiased one (a
-factor n/(n-1), n = positions per channel in the batch).
+only with `zero_init_last_bn=True` (always in the official code). From PyTorch: the BatchNorm
+(`selfsup.batch_norm`, as flax's) keeps the biased batch variance in its running average where
+PyTorch keeps the unbiased one (a factor n/(n-1), n = positions per channel in the batch).
 """
 
 from __future__ import annotations
