@@ -8,7 +8,8 @@ respect to the input and the weights, in three forms interleaved in one process:
   `jax.nn.gelu` and an autodiff LayerNorm against the library's `selfsup.dense.Dense` (the same
   dot on [B * T, D]), `selfsup.gelu` and `selfsup.layer_norm`;
 - ResNet-50's 1x1 conv + BatchNorm (batch statistics) + ReLU at 64 px, batch 32: the conv as a
-  [B, H, W, C] @ [C, O] matmul against `selfsup.dense.matmul` (on [B * H * W, C]);
+  [B, H, W, C] @ [C, O] matmul and an autodiff BatchNorm and ReLU against
+  `selfsup.dense.matmul` (on [B * H * W, C]) and `selfsup.batch_norm.BatchNorm(relu=True)`;
 - the ResNet stem's 3x3/2 max-pool after a ReLU: `nn.max_pool` against
   `selfsup.backbones.resnet.max_pool`.
 
@@ -29,6 +30,7 @@ import torch
 
 from selfsup import dense
 from selfsup.backbones import resnet
+from selfsup.batch_norm import BatchNorm
 from selfsup.gelu import gelu
 from selfsup.layer_norm import layer_norm
 
@@ -73,10 +75,18 @@ def jax_blocks(kind: str) -> dict[str, Callable]:
         }
     if kind == "conv":
 
-        def conv(dot):
-            return lambda x, w: jax.nn.relu(_batch_norm(dot(x, w)))
+        def selfsup_bn_relu(y):  # scale 1, bias 0: no affine, as the other two forms
+            c = y.shape[-1]
+            variables = {
+                "params": {"scale": jnp.ones(c), "bias": jnp.zeros(c)},
+                "batch_stats": {"mean": jnp.zeros(c), "var": jnp.ones(c)},
+            }
+            return BatchNorm(relu=True).apply(variables, y, mutable=["batch_stats"])[0]
 
-        return {"linen": conv(jnp.matmul), "selfsup": conv(dense.matmul)}
+        return {
+            "linen": lambda x, w: jax.nn.relu(_batch_norm(jnp.matmul(x, w))),
+            "selfsup": lambda x, w: selfsup_bn_relu(dense.matmul(x, w)),
+        }
 
     def pool(fn):
         return lambda x: fn(jax.nn.relu(x))
