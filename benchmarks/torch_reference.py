@@ -4,7 +4,8 @@
   `PatchEmbed` and `Block` (exact GELU, LayerNorm eps 1e-6, qkv bias), fixed sin-cos position
   embeddings, per-sample random masking by argsort of noise, a timm-block decoder, MSE on
   removed patches against normalised pixels; AdamW (0.9, 0.95), weight decay 0.05 off for 1-D
-  parameters and tokens.
+  parameters and tokens; the gradient norm every step, as the official training loop takes it
+  (its loss scaler's `get_grad_norm_`: each parameter's gradient norm, then the norm of those).
 - SimCLR (Chen et al. 2020): torchvision's ResNet-50 (fc removed), SimCLRv2's 3-layer projection
   head (Linear without bias + BatchNorm1d, ReLU on the first two), NT-Xent at temperature 0.1 on
   the 2N views of one batch; SGD with momentum 0.9 and weight decay 1e-4.
@@ -13,6 +14,7 @@ Deviations (each makes the reference cheaper than selfsup's step, so ratios are 
 - The reference's inputs are already augmented float tensors (the official code augments on the
   CPU in data-loader workers); selfsup's step includes its on-device augmentation
   (`throughput.py` also times it without, `views given`).
+- SimCLR's reference takes no gradient norm; selfsup's step logs one every step.
 - SimCLR's reference uses SGD with momentum, not LARS (PyTorch has no LARS; the official SimCLR
   code is TensorFlow): LARS' per-layer norms cost selfsup a little extra.
 """
@@ -126,6 +128,8 @@ class MAE(nn.Module):
         per_patch = ((pred - target) ** 2).mean(-1)
         return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
+    grad_norm_each_step = True  # as facebookresearch/mae's loop does (module docstring)
+
     def optimizer(self, lr: float = 1.5e-4) -> torch.optim.Optimizer:
         decay = [p for n, p in self.named_parameters() if p.ndim > 1 and "token" not in n]
         rest = [p for n, p in self.named_parameters() if p.ndim <= 1 or "token" in n]
@@ -171,16 +175,19 @@ class Trainer:
         self.model, self.inputs = model.train(), inputs
         self.opt = model.optimizer()
         self.loss_fn = torch.compile(model) if compiled else model
-        self.compile_s = 0.0
+        self.compile_s, self.grad_norm = 0.0, float("nan")
         if compiled:  # the first call compiles forward and backward
             self.compile_s = self.step()
 
     def step(self) -> float:
-        """Seconds for one step: forward, backward, optimizer update."""
+        """Seconds for one step: forward, backward, gradient norm (MAE), optimizer update."""
         start = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss_fn(*self.inputs)
         loss.backward()
+        if getattr(self.model, "grad_norm_each_step", False):
+            norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
+            self.grad_norm = float(torch.stack(norms).norm())
         self.opt.step()
         return time.perf_counter() - start
 

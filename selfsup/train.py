@@ -126,7 +126,6 @@ def make_train_step(model, tx, views_fn, seed: int, schedule):
             **metrics,
             "loss": loss,
             "grad_norm": global_norm(grads),
-            "param_norm": global_norm(params),  # NaN here means the update broke the model
             "lr": schedule(state.step),
         }
         return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
@@ -233,6 +232,11 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
         total=total_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True
     )
     window = MetricWindow(config.batch_size, on_diverged=lambda: _last_good(ckpt, workdir))
+    # The parameters' norm, where it matters: before each save (a broken update is never
+    # saved) and at each log; per step it would re-read every parameter (MAE ViT-B/16 on CPU:
+    # 1-3% of the step; BENCHMARKS.md, *Metric norms*).
+    params_norm = jax.jit(global_norm, out_shardings=sharding.replicated(mesh))
+    param_norm = math.nan
     stop_vote = distributed.StopVote()
     first_log = {"params_optimizer_mib_per_device": memory_mib}
     last: dict[str, float] = {}
@@ -254,8 +258,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
                 save_now = done % config.checkpoint_every_steps == 0 or at_end or signum
                 if save_now or done % config.log_every_steps == 0:
                     window.drain()  # every step up to `done` is checked before it is saved
+                    param_norm = float(params_norm(state.params))
+                    window.check({"param_norm": param_norm}, done)
                 if done % config.log_every_steps == 0 or at_end:
-                    last = window.flush()
+                    last = {**window.flush(), "param_norm": param_norm}
                     skipped = distributed.sum_over_processes(loader.skipped)
                     writer.scalars(done, {**last, **first_log, "skipped_images": skipped})
                     first_log = {}
@@ -323,17 +329,21 @@ class MetricWindow:
         step, metrics = self.pending
         self.pending = None
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.check(values, step + 1)
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def check(self, values: dict[str, float], step: int) -> None:
+        """Raise `Diverged` if the loss or a norm among `values` (after `step` steps) is NaN/Inf."""
         bad = [
             k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(values.get(k, 0.0))
         ]
         if bad:
             raise Diverged(
-                f"{bad[0]} is {values[bad[0]]} at step {step + 1}; stopped. {self.on_diverged()} "
+                f"{bad[0]} is {values[bad[0]]} at step {step}; stopped. {self.on_diverged()} "
                 "Lower optim.base_lr or set optim.grad_clip_norm, then run again."
             )
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
 
     def flush(self) -> dict[str, float]:
         """Averages since the last flush, plus images/s over that wall time."""

@@ -106,11 +106,18 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
         np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
 
 
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    train.train_and_evaluate(smoke(total_steps=2), str(tmp_path))
+@pytest.mark.parametrize("every", [{}, {"log_every_steps": 100, "checkpoint_every_steps": 1}])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, every):
+    """The update of step 3 breaks the parameters: caught at step 3 by the parameter norm the
+    loop takes at each log (smoke: every step) and before each save (the second case: a save
+    due at step 3 and no log), so step 3 is never saved."""
+    logged = train.train_and_evaluate(smoke(total_steps=2, **every), str(tmp_path))
+    params, _ = checkpoint.restore_params(tmp_path)
+    want = np.sqrt(sum(np.sum(np.float64(v) ** 2) for v in _flatten(params).values()))
+    np.testing.assert_allclose(logged["param_norm"], want, rtol=1e-5)
     with pytest.raises(train.Diverged, match=r"at step 3.*last good checkpoint \(step 2\)"):
         train.train_and_evaluate(
-            smoke(**{"total_steps": 4, "optim.base_lr": "1e999"}), str(tmp_path)
+            smoke(**{"total_steps": 4, "optim.base_lr": "1e999", **every}), str(tmp_path)
         )
     manager = checkpoint.Manager(tmp_path)
     assert manager.latest_step() == 2
