@@ -166,11 +166,20 @@ def step_flops(compiled) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def interleave(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Median seconds of each timed function, called A, B, A, B, ... `rounds` times each."""
+def interleave(
+    fns: dict[str, Callable[[], float]], rounds: int, settle: bool = False
+) -> dict[str, float]:
+    """Median seconds of each timed function, called A, B, A, B, ... `rounds` times each.
+
+    `settle`: call each function once, untimed, right before its timed call. The first work
+    after the other framework's runs slow (up to 1.5x on a 6 ms conv, 2 cores: the other
+    library's idle worker threads still spin on the cores for a while), which biases a short
+    timing taken right after it; a long one (a train step) barely notices."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if settle:
+                fn()
             times[name].append(fn())
     return {name: statistics.median(t) for name, t in times.items()}
 

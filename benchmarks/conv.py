@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from selfsup.backbones.resnet import fast_conv
+from selfsup.conv import fast_conv
 
 BATCH = 32
 # name: (input side, in channels, out channels, kernel, stride)
 SHAPES = {
+    "stem 7x7/2 3->64 64->32": (64, 3, 64, 7, 2),
     "stage1 1x1 256->64 @16": (16, 256, 64, 1, 1),
     "stage1 3x3 64->64 @16": (16, 64, 64, 3, 1),
     "stage2 1x1 128->512 @8": (8, 128, 512, 1, 1),
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out_side = (side + 2 * (k // 2) - k) // stride + 1
         flops = 3 * 2.0 * BATCH * out_side**2 * k * k * cin * cout  # forward + 2 gradients
         reps = max(1, int(1e9 // flops))  # ~1 GFLOP per timing
-        t = common.interleave(timers(side, cin, cout, k, stride, reps), rounds)
+        t = common.interleave(timers(side, cin, cout, k, stride, reps), rounds, settle=True)
         rows.append(
             {
                 "conv (batch 32, NHWC)": name,

@@ -11,7 +11,7 @@ respect to the input and the weights, in three forms interleaved in one process:
   [B, H, W, C] @ [C, O] matmul and an autodiff BatchNorm and ReLU against
   `selfsup.dense.matmul` (on [B * H * W, C]) and `selfsup.batch_norm.BatchNorm(relu=True)`;
 - the ResNet stem's 3x3/2 max-pool after a ReLU: `nn.max_pool` against
-  `selfsup.backbones.resnet.max_pool`.
+  `selfsup.conv.max_pool`.
 
     python benchmarks/layers.py [--quick]
 """
@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from selfsup import dense
-from selfsup.backbones import resnet
+from selfsup import conv, dense
 from selfsup.batch_norm import BatchNorm
 from selfsup.gelu import gelu
 from selfsup.layer_norm import layer_norm
@@ -93,7 +92,7 @@ def jax_blocks(kind: str) -> dict[str, Callable]:
 
     return {
         "linen": pool(lambda x: nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))),
-        "selfsup": pool(lambda x: resnet.max_pool(x, 3, 2, 1)),
+        "selfsup": pool(lambda x: conv.max_pool(x, 3, 2, 1)),
     }
 
 
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rounds = common.kernel_rounds(argv, __doc__)
     rows = []
     for name, (kind, shape, width) in BLOCKS.items():
-        t = common.interleave(timers(kind, shape, width, reps=10), rounds)
+        t = common.interleave(timers(kind, shape, width, reps=10), rounds, settle=True)
         rows.append(
             {
                 "block (forward + backward)": name,

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name, (m, k, n, transposed) in SHAPES.items():
         reps = max(1, int(2e9 // (2 * m * k * n)))  # ~2 GFLOP per timing
-        times = common.interleave(timers(m, k, n, transposed, reps), rounds)
+        times = common.interleave(timers(m, k, n, transposed, reps), rounds, settle=True)
         flops = 2.0 * m * k * n
         rows.append(
             {

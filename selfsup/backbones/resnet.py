@@ -39,7 +39,6 @@ PyTorch keeps the unbiased one (a factor n/(n-1), n = positions per channel in t
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any
 
@@ -48,9 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfsup import dense
 from selfsup.backbones import Features, Mask
 from selfsup.batch_norm import BatchNorm
+from selfsup.conv import fast_conv, max_pool
 from selfsup.errors import UserError
 
 # depth -> (bottleneck?, blocks per stage)
@@ -117,139 +116,6 @@ def _spatial_mean(x: jax.Array, keep: jax.Array | None) -> jax.Array:
 
 
 # ---------------------------------------------------------------- layers
-
-
-def fast_conv(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-):
-    """`lax.conv_general_dilated` for NHWC / HWIO, computed as a dot where XLA:CPU's conv is slow:
-
-    - a 1x1 conv as (strided) input @ kernel: its kernel gradient is then a dot over batch and
-      space, not a conv that XLA:CPU runs after transposing both operands (1.5-5.2x faster
-      forward + backward on ResNet-50's 1x1 shapes at 64 px; BENCHMARKS.md, ResNet convs);
-    - a k x k conv whose input or output map is under 3 x 3 as patches @ kernel, the patches
-      cut by k x k strided slices: XLA:CPU lowers those convs and their gradients to a slow
-      generic path (a 3x3 conv on a 2x2 map ~50x slower), which every ResNet at 32-64 px hits.
-
-    The same values either way (up to float32 summation order); other convs go to XLA as they
-    are, and every conv does on an accelerator only what XLA does with it anyway.
-    """
-    kh, kw, cin, cout = rhs.shape
-    plain = (
-        not isinstance(padding, str)
-        and not any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        and feature_group_count == 1
-        and _is_nhwc_hwio(dimension_numbers)
-    )
-    if plain:
-        out = [
-            (n + lo + hi - k) // s + 1
-            for n, (lo, hi), k, s in zip(
-                lhs.shape[1:3], padding, (kh, kw), window_strides, strict=True
-            )
-        ]
-        if (kh, kw) == (1, 1) or min(*lhs.shape[1:3], *out) < 3:
-            # [B, out_h, out_w, cin] per kernel offset (i, j), in HWIO's order
-            cols, _ = _window_views(lhs, (kh, kw), window_strides, padding, 0.0)
-            patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-            return dense.matmul(  # as [B * out_h * out_w, k * k * cin] @ [k * k * cin, cout]
-                patches,
-                rhs.reshape(kh * kw * cin, cout),
-                precision=precision,
-                preferred_element_type=preferred_element_type,
-            )
-    return jax.lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
-
-
-def _is_nhwc_hwio(dimension_numbers) -> bool:
-    """Whether lax dimension numbers say NHWC input, HWIO kernel, NHWC output (Flax's)."""
-    if dimension_numbers is None:
-        return False
-    if isinstance(dimension_numbers, tuple) and all(isinstance(d, str) for d in dimension_numbers):
-        return tuple(dimension_numbers) == ("NHWC", "HWIO", "NHWC")
-    lhs, rhs, out = dimension_numbers  # lax.ConvDimensionNumbers: axis indices
-    return tuple(lhs) == (0, 3, 1, 2) and tuple(rhs) == (3, 2, 0, 1) and tuple(out) == (0, 3, 1, 2)
-
-
-def _window_views(x: jax.Array, window, strides, padding, value: float) -> tuple[list, tuple]:
-    """The kh * kw strided views [B, out_h, out_w, C] of x padded by `padding` ((lo, hi) per
-    spatial axis) with `value`, one per window offset in row-major order, and the padded shape."""
-    padded = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=value)
-    (kh, kw), (sh, sw) = window, strides
-    oh, ow = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
-    views = [
-        padded[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return views, padded.shape
-
-
-def _pool_windows(x: jax.Array, k: int, s: int, p: int) -> tuple[list, tuple]:
-    """`_window_views` of a k x k window of stride s, padded by p with -inf."""
-    return _window_views(x, (k, k), (s, s), ((p, p), (p, p)), -jnp.inf)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool(x: jax.Array, k: int, s: int, p: int) -> jax.Array:
-    """k x k max-pool of stride s, padded by p with -inf: [B, H, W, C] -> [B, H', W', C].
-
-    PyTorch's `max_pool2d` as the elementwise maximum of the k * k window views, its gradient
-    going to the first maximum of each window in row-major order as PyTorch's does. With the
-    stem's ReLU, forward + backward is 7.6x faster on one core than `nn.max_pool`, whose
-    gradient XLA:CPU runs as a reduce-window over index arrays (BENCHMARKS.md, *2-D dots*).
-    """
-    return functools.reduce(jnp.maximum, _pool_windows(x, k, s, p)[0])
-
-
-def _max_pool_fwd(x, k, s, p):
-    out = max_pool(x, k, s, p)
-    return out, (x, out)
-
-
-def _max_pool_bwd(k, s, p, residuals, g):
-    x, out = residuals
-    views, padded_shape = _pool_windows(x, k, s, p)
-    taken = jnp.zeros(out.shape, bool)
-    grad = jnp.zeros(padded_shape, g.dtype)
-    zero = jnp.zeros((), g.dtype)
-    for n, view in enumerate(views):
-        first = (view == out) & ~taken
-        taken = taken | first
-        i, j = divmod(n, k)
-        # Each output cell's share back at its window offset: interior padding s - 1 strides it.
-        hi_h = padded_shape[1] - i - (s * (out.shape[1] - 1) + 1)
-        hi_w = padded_shape[2] - j - (s * (out.shape[2] - 1) + 1)
-        grad = grad + jax.lax.pad(
-            jnp.where(first, g, zero),
-            zero,
-            ((0, 0, 0), (i, hi_h, s - 1), (j, hi_w, s - 1), (0, 0, 0)),
-        )
-    h, w = x.shape[1:3]
-    return (grad[:, p : p + h, p : p + w],)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class _Layers(nn.Module):

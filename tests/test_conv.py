@@ -1,0 +1,93 @@
+"""The ResNets' conv and pool ops (`selfsup.conv`): `fast_conv` against XLA's
+convolution (values and both gradients, and which path each shape takes), `max_pool` and its
+gradient against NumPy float64 with PyTorch's tie rule."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selfsup import conv
+
+
+@pytest.mark.parametrize(
+    "size, k, stride, cin, cout, path",
+    [
+        (2, 3, 1, 5, 4, "dot"),  # k x k on a map under 3 x 3: patches @ kernel
+        (1, 3, 1, 5, 4, "dot"),
+        (2, 3, 2, 5, 4, "dot"),
+        (2, 7, 2, 5, 4, "dot"),
+        (4, 3, 2, 5, 4, "dot"),  # output 2 x 2
+        (5, 1, 1, 5, 4, "dot"),  # 1 x 1: input @ kernel
+        (5, 1, 2, 5, 4, "dot"),
+        (6, 3, 1, 5, 4, "xla"),  # left to XLA's convolution
+        (6, 3, 1, 64, 64, "narrow"),  # XLA's conv, its kernel gradient a dot
+        (9, 7, 2, 3, 64, "narrow"),  # the stem's shape
+        (6, 3, 1, 65, 64, "xla"),
+    ],
+)
+def test_fast_conv_equals_the_convolution(size, k, stride, cin, cout, path):
+    rng = np.random.default_rng(size * k + stride)
+    x = rng.normal(size=(3, size, size, cin))
+    w = rng.normal(size=(k, k, cin, cout))
+    p = (k - 1) // 2
+    args = ((stride, stride), ((p, p), (p, p)))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv, x, w):
+        y = conv(x, w, *args, dimension_numbers=dn)
+        return (y * y).sum(), y
+
+    x32, w32 = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    (_, want), want_grads = jax.value_and_grad(
+        functools.partial(loss, jax.lax.conv_general_dilated), (0, 1), has_aux=True
+    )(x32, w32)
+    fast = jax.value_and_grad(functools.partial(loss, conv.fast_conv), (0, 1), has_aux=True)
+    (_, got), got_grads = fast(x32, w32)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+    for g, h in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5 * np.abs(h).max())
+    # The forward and backward programs hold a convolution only where XLA is left to do it; the
+    # kernel gradient alone needs the forward conv and, from XLA, a second one.
+    assert ("conv_general_dilated" in str(jax.make_jaxpr(fast)(x32, w32))) is (path != "dot")
+    kernel_grad = jax.jit(jax.grad(lambda w: loss(conv.fast_conv, x32, w)[0]))
+    convs = kernel_grad.lower(w32).compile().as_text().count(" convolution(")
+    assert convs == {"dot": 0, "narrow": 1, "xla": 2}[path]
+
+
+def numpy_max_pool(x: np.ndarray, g: np.ndarray, k: int, s: int, p: int):
+    """Max-pool of x (padded by p with -inf) and the gradient of sum(pool * g), float64: each
+    window's gradient goes to its first maximum in row-major order (PyTorch's rule)."""
+    b, h, w, c = x.shape
+    padded = np.full((b, h + 2 * p, w + 2 * p, c), -np.inf)
+    padded[:, p : p + h, p : p + w] = x
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    out, grad = np.zeros((b, oh, ow, c)), np.zeros_like(padded)
+    for n, i, j, ch in np.ndindex(b, oh, ow, c):
+        window = padded[n, i * s : i * s + k, j * s : j * s + k, ch]
+        first = np.unravel_index(np.argmax(window), window.shape)  # argmax: first of ties
+        out[n, i, j, ch] = window[first]
+        grad[n, i * s + first[0], j * s + first[1], ch] += g[n, i, j, ch]
+    return out, grad[:, p : p + h, p : p + w]
+
+
+@pytest.mark.parametrize("size, k, s, p", [(8, 3, 2, 1), (7, 3, 2, 1), (6, 2, 2, 0), (5, 3, 1, 1)])
+def test_max_pool_and_its_gradient_match_numpy_with_ties(size, k, s, p):
+    rng = np.random.default_rng(size + k)
+    # Small integers (ties in most windows, as ReLU's zeros and flat image regions give).
+    x = rng.integers(-2, 3, (2, size, size, 3)).astype(np.float64)
+    out = (size + 2 * p - k) // s + 1
+    g = rng.normal(size=(2, out, out, 3))
+    want, want_grad = numpy_max_pool(x, g, k, s, p)
+    got, vjp = jax.vjp(lambda v: conv.max_pool(v, k, s, p), jnp.asarray(x, jnp.float32))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(vjp(jnp.asarray(g, jnp.float32))[0], want_grad, rtol=1e-5, atol=1e-6)
+    # The forward equals Linen's reduce-window pool.
+    linen = nn.max_pool(jnp.asarray(x, jnp.float32), (k, k), (s, s), ((p, p), (p, p)))
+    np.testing.assert_array_equal(got, linen)
