@@ -15,9 +15,10 @@ import jax.numpy as jnp
 
 from selfsup import dense
 
-# A k x k conv with at most this many input channels and at least this many output channels (a
-# ResNet's stem and, at width 1, its first stage) takes its kernel gradient as a dot on CPU.
-NARROW_CHANNELS = 64
+# A k x k conv with at least this many output positions (B * h * w, of the global batch) takes
+# its kernel gradient as a dot on CPU, while its patches stay under PATCHES_MAX_BYTES.
+DOT_KERNEL_GRAD_POSITIONS = 8192
+PATCHES_MAX_BYTES = 1 << 30
 
 
 def fast_conv(
@@ -40,12 +41,12 @@ def fast_conv(
     - a k x k conv whose input or output map is under 3 x 3 as patches @ kernel, the patches
       cut by k x k strided slices: XLA:CPU lowers those convs and their gradients to a slow
       generic path (a 3x3 conv on a 2x2 map ~50x slower), which every ResNet at 32-64 px hits;
-    - a k x k conv with at most `NARROW_CHANNELS` input and at least as many output channels
-      (a ResNet's stem and, at width 1, its first stage) as XLA's conv, but on CPU its kernel
-      gradient as patches^T @ output gradient (1.4-2.1x faster; the patches are a transient
-      k * k times the input): XLA:CPU transposes both operands into a conv over the batch that
-      runs at 35-60 GFLOP/s on these shapes against ~270 for its matmuls (*ResNet convs*); on
-      other platforms XLA's.
+    - any other k x k conv with at least `DOT_KERNEL_GRAD_POSITIONS` output positions as XLA's
+      conv, but on CPU its kernel gradient as patches^T @ output gradient (a ResNet's stem and
+      first stage at 64 px, SparK's decoder: 1.2-2.3x faster; the patches, k * k times the
+      input, up to `PATCHES_MAX_BYTES`): XLA:CPU transposes both operands into a conv over the
+      batch that runs at 17-60 GFLOP/s on these shapes against ~270 for its matmuls (*ResNet
+      convs*); with fewer positions, XLA's is as fast or faster. On other platforms XLA's.
 
     The same values either way (up to float32 summation order); other convs go to XLA as they
     are, and on an accelerator every conv does only what XLA does with it anyway.
@@ -74,9 +75,11 @@ def fast_conv(
                 precision=precision,
                 preferred_element_type=preferred_element_type,
             )
-        if kh * kw > 1 and cin <= NARROW_CHANNELS <= cout:
+        positions = lhs.shape[0] * out[0] * out[1]
+        patches_bytes = positions * kh * kw * cin * lhs.dtype.itemsize
+        if positions >= DOT_KERNEL_GRAD_POSITIONS and patches_bytes <= PATCHES_MAX_BYTES:
             args = (tuple(window_strides), tuple(map(tuple, padding)), precision)
-            return _narrow_conv(lhs, rhs, *args, preferred_element_type)
+            return _dot_kernel_grad_conv(lhs, rhs, *args, preferred_element_type)
     return jax.lax.conv_general_dilated(
         lhs,
         rhs,
@@ -105,16 +108,16 @@ def _xla_conv(lhs, rhs, strides, padding, precision, preferred_element_type):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _narrow_conv(lhs, rhs, strides, padding, precision, preferred_element_type):
+def _dot_kernel_grad_conv(lhs, rhs, strides, padding, precision, preferred_element_type):
     """XLA's conv whose kernel gradient on CPU is `_patches_kernel_grad`."""
     return _xla_conv(lhs, rhs, strides, padding, precision, preferred_element_type)
 
 
-def _narrow_conv_fwd(lhs, rhs, *args):
-    return _narrow_conv(lhs, rhs, *args), (lhs, rhs)
+def _dot_kernel_grad_conv_fwd(lhs, rhs, *args):
+    return _dot_kernel_grad_conv(lhs, rhs, *args), (lhs, rhs)
 
 
-def _narrow_conv_bwd(strides, padding, precision, preferred_element_type, residuals, g):
+def _dot_kernel_grad_conv_bwd(strides, padding, precision, preferred_element_type, residuals, g):
     lhs, rhs = residuals
     args = (strides, padding, precision, preferred_element_type)
     d_lhs = jax.vjp(lambda x: _xla_conv(x, rhs, *args), lhs)[1](g)[0]
@@ -130,7 +133,7 @@ def _narrow_conv_bwd(strides, padding, precision, preferred_element_type, residu
     return d_lhs, d_rhs
 
 
-_narrow_conv.defvjp(_narrow_conv_fwd, _narrow_conv_bwd)
+_dot_kernel_grad_conv.defvjp(_dot_kernel_grad_conv_fwd, _dot_kernel_grad_conv_bwd)
 
 
 def _patches_kernel_grad(lhs, g, window, strides, padding, precision) -> jax.Array:
@@ -223,3 +226,48 @@ def _max_pool_bwd(k, s, p, residuals, g):
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+# ConvTranspose2d(k=4, s=2, p=1): output row 2y + a sums input rows y + d through kernel row
+# a + 1 - 2d, for the two d of its phase a (the same for columns): phase -> ((d, kernel row), ...).
+_PHASE_TAPS = {0: ((-1, 3), (0, 1)), 1: ((0, 2), (1, 0))}
+
+
+def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1), no bias: x [B, H, W, C] and
+    kernel [4, 4, F, C] (kernel[ky, kx, f, c] = PyTorch's weight[c, f, ky, kx]) -> [B, 2H, 2W, F].
+
+    On CPU as four phase convs, one per output pixel parity (a, b): each is 2 x 2 taps of the
+    input, one patches [B * H * W, 4C] @ kernel [4C, F] dot, and the phases are interleaved.
+    XLA:CPU runs the stride-dilated conv of `nn.ConvTranspose` and its kernel gradient on a
+    slow generic path (with SparK's decoder at 64 px, half of its step). Elsewhere XLA's
+    transposed conv (the phases' patches are 16 times the input)."""
+    return jax.lax.platform_dependent(x, kernel, cpu=_phase_dots, default=_xla_conv_transpose)
+
+
+def _xla_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    # The kernel flipped in space, its F and C axes as a forward conv's HWIO; stride-2 dilated
+    # input padded by k - 1 - p = 2 per side.
+    return jax.lax.conv_transpose(
+        x,
+        kernel,
+        (2, 2),
+        ((2, 2), (2, 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        transpose_kernel=True,
+    )
+
+
+def _phase_dots(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = []
+    for a in (0, 1):
+        row = []
+        for p in (0, 1):
+            taps = [(dy, ky, dx, kx) for dy, ky in _PHASE_TAPS[a] for dx, kx in _PHASE_TAPS[p]]
+            views = [padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, _, dx, _ in taps]
+            taps_kernel = jnp.concatenate([kernel[ky, kx].T for _, ky, _, kx in taps])  # [4C, F]
+            row.append(dense.matmul(jnp.concatenate(views, axis=-1), taps_kernel))
+        rows.append(jnp.stack(row, axis=3))  # [B, H, W, 2 (column phase), F]
+    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, -1)  # [B, H, 2, W, 2, F] interleaved

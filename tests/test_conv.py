@@ -14,26 +14,28 @@ import pytest
 
 from selfsup import conv
 
+DN = ("NHWC", "HWIO", "NHWC")
+
 
 @pytest.mark.parametrize(
-    "size, k, stride, cin, cout, path",
+    "batch, size, k, stride, cin, cout, path",
     [
-        (2, 3, 1, 5, 4, "dot"),  # k x k on a map under 3 x 3: patches @ kernel
-        (1, 3, 1, 5, 4, "dot"),
-        (2, 3, 2, 5, 4, "dot"),
-        (2, 7, 2, 5, 4, "dot"),
-        (4, 3, 2, 5, 4, "dot"),  # output 2 x 2
-        (5, 1, 1, 5, 4, "dot"),  # 1 x 1: input @ kernel
-        (5, 1, 2, 5, 4, "dot"),
-        (6, 3, 1, 5, 4, "xla"),  # left to XLA's convolution
-        (6, 3, 1, 64, 64, "narrow"),  # XLA's conv, its kernel gradient a dot
-        (9, 7, 2, 3, 64, "narrow"),  # the stem's shape
-        (6, 3, 1, 65, 64, "xla"),
+        (3, 2, 3, 1, 5, 4, "dot"),  # k x k on a map under 3 x 3: patches @ kernel
+        (3, 1, 3, 1, 5, 4, "dot"),
+        (3, 2, 3, 2, 5, 4, "dot"),
+        (3, 2, 7, 2, 5, 4, "dot"),
+        (3, 4, 3, 2, 5, 4, "dot"),  # output 2 x 2
+        (3, 5, 1, 1, 5, 4, "dot"),  # 1 x 1: input @ kernel
+        (3, 5, 1, 2, 5, 4, "dot"),
+        (3, 6, 3, 1, 5, 4, "xla"),  # left to XLA's convolution
+        (8, 32, 3, 1, 5, 4, "dot_kernel_grad"),  # 8192 output positions: kernel gradient a dot
+        (8, 64, 7, 2, 3, 8, "dot_kernel_grad"),  # the stem's shape
+        (7, 32, 3, 1, 5, 4, "xla"),  # 7168 positions
     ],
 )
-def test_fast_conv_equals_the_convolution(size, k, stride, cin, cout, path):
+def test_fast_conv_equals_the_convolution(batch, size, k, stride, cin, cout, path):
     rng = np.random.default_rng(size * k + stride)
-    x = rng.normal(size=(3, size, size, cin))
+    x = rng.normal(size=(batch, size, size, cin))
     w = rng.normal(size=(k, k, cin, cout))
     p = (k - 1) // 2
     args = ((stride, stride), ((p, p), (p, p)))
@@ -58,7 +60,7 @@ def test_fast_conv_equals_the_convolution(size, k, stride, cin, cout, path):
     assert ("conv_general_dilated" in str(jax.make_jaxpr(fast)(x32, w32))) is (path != "dot")
     kernel_grad = jax.jit(jax.grad(lambda w: loss(conv.fast_conv, x32, w)[0]))
     convs = kernel_grad.lower(w32).compile().as_text().count(" convolution(")
-    assert convs == {"dot": 0, "narrow": 1, "xla": 2}[path]
+    assert convs == {"dot": 0, "dot_kernel_grad": 1, "xla": 2}[path]
 
 
 def numpy_max_pool(x: np.ndarray, g: np.ndarray, k: int, s: int, p: int):
@@ -91,3 +93,18 @@ def test_max_pool_and_its_gradient_match_numpy_with_ties(size, k, s, p):
     # The forward equals Linen's reduce-window pool.
     linen = nn.max_pool(jnp.asarray(x, jnp.float32), (k, k), (s, s), ((p, p), (p, p)))
     np.testing.assert_array_equal(got, linen)
+
+
+def test_fast_conv_leaves_a_kernel_gradient_past_the_patches_cap_to_xla(monkeypatch):
+    x, w = jnp.ones((8, 32, 32, 5)), jnp.ones((3, 3, 5, 4))
+
+    def convs_in_kernel_grad() -> int:
+        def loss(w):
+            return conv.fast_conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN).sum()
+
+        return jax.jit(jax.grad(loss)).lower(w).compile().as_text().count(" convolution(")
+
+    assert convs_in_kernel_grad() == 0  # a dot (the sum's gradient needs no forward conv)
+    # One byte under the patches: 8192 positions x 3 x 3 x 5 channels x 4 bytes.
+    monkeypatch.setattr(conv, "PATCHES_MAX_BYTES", 8192 * 9 * 5 * 4 - 1)
+    assert convs_in_kernel_grad() == 1

@@ -13,7 +13,7 @@ from conftest import REPO
 from PIL import Image
 
 from selfsup import config as config_lib
-from selfsup import objectives, train
+from selfsup import conv, objectives, train
 from selfsup.errors import UserError
 from selfsup.objectives import spark
 
@@ -130,23 +130,55 @@ def test_loss_ignores_predictions_at_visible_patches():
 # ---------------------------------------------------------------- the decoder's upsampling
 
 
-def test_upsample_is_pytorch_conv_transpose_k4_s2_p1():
+def ref_conv_transpose_grads(x, weight, g, stride=2, padding=1):
+    """Gradients of sum(ref_conv_transpose(x, weight, bias) * g) with respect to x and weight,
+    float64: each input pixel's scattered window of the padded output gradient."""
+    b, h, w, cin = x.shape
+    k = weight.shape[-1]
+    full = np.pad(g, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dx, dweight = np.zeros_like(x), np.zeros_like(weight)
+    for y in range(h):
+        for xx in range(w):
+            for ky in range(k):
+                for kx in range(k):
+                    window = full[:, stride * y + ky, stride * xx + kx]  # [B, cout]
+                    dx[:, y, xx] += window @ weight[:, :, ky, kx].T
+                    dweight[:, :, ky, kx] += x[:, y, xx].T @ window
+    return dx, dweight
+
+
+@pytest.mark.parametrize("size", [(3, 5), (1, 1), (2, 2)])
+def test_upsample_is_pytorch_conv_transpose_k4_s2_p1(size):
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(2, 3, 5, 4))
+    x = rng.normal(size=(2, *size, 4))
     weight = rng.normal(size=(4, 6, 4, 4))  # PyTorch layout [in, out, kh, kw]
     bias = rng.normal(size=6)
-    layer = spark.upsample(6)
+    g = rng.normal(size=(2, 2 * size[0], 2 * size[1], 6))
+    layer = spark.Upsample(6)
     params = {"kernel": jnp.asarray(weight.transpose(2, 3, 1, 0), jnp.float32), "bias": bias}
-    got = np.asarray(layer.apply({"params": params}, jnp.asarray(x, jnp.float32)))
-    assert got.shape == (2, 6, 10, 6)
+    x32 = jnp.asarray(x, jnp.float32)
+    got = np.asarray(layer.apply({"params": params}, x32))
+    assert got.shape == (2, 2 * size[0], 2 * size[1], 6)
     np.testing.assert_allclose(got, ref_conv_transpose(x, weight, bias), atol=1e-5)
+    # Both gradients, from the CPU's phase dots and from XLA's transposed conv (other platforms).
+    want_dx, want_dweight = ref_conv_transpose_grads(x, weight, g)
+    want_dkernel = want_dweight.transpose(2, 3, 1, 0)
+    for conv_transpose in (conv.conv_transpose_4x4_s2, conv._xla_conv_transpose):
+        dx, dkernel = jax.grad(lambda x, k, f=conv_transpose: (f(x, k) * g).sum(), (0, 1))(
+            x32, params["kernel"]
+        )
+        np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-5, atol=1e-4)
+    # The CPU program holds no convolution: XLA:CPU runs the stride-dilated one slowly.
+    hlo = jax.jit(jax.grad(lambda x, k: (conv.conv_transpose_4x4_s2(x, k) * g).sum(), (0, 1)))
+    assert " convolution(" not in hlo.lower(x32, params["kernel"]).compile().as_text()
     # And PyTorch itself.
     torch = pytest.importorskip("torch")
-    conv = torch.nn.ConvTranspose2d(4, 6, kernel_size=4, stride=2, padding=1).double()
+    layer = torch.nn.ConvTranspose2d(4, 6, kernel_size=4, stride=2, padding=1).double()
     with torch.no_grad():
-        conv.weight.copy_(torch.from_numpy(weight))
-        conv.bias.copy_(torch.from_numpy(bias))
-        want = conv(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+        layer.weight.copy_(torch.from_numpy(weight))
+        layer.bias.copy_(torch.from_numpy(bias))
+        want = layer(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

@@ -23,10 +23,11 @@ densify projections with PyTorch's default Conv2d init, the decoder's convs norm
 zero bias, its transposed convs He-normal over fan_out; the decoder's BatchNorms are ordinary
 (dense, synchronised over the global batch: flax under `jit`).
 
-The transposed conv matches PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1): flax's
-`ConvTranspose` pads the stride-dilated input explicitly, so PyTorch's padding p becomes
-k - 1 - p = 2 on each side, and `transpose_kernel=True` makes the kernel [kh, kw, out, in] the
-PyTorch weight [in, out, kh, kw] transposed (no flip needed).
+The transposed conv is PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1), its kernel
+[kh, kw, out, in] the PyTorch weight [in, out, kh, kw] transposed (no flip), as flax's
+`ConvTranspose` with `transpose_kernel=True` holds it; on CPU it runs as four phase dots
+(`selfsup.conv.conv_transpose_4x4_s2`), elsewhere as XLA's transposed conv. The decoder's and
+densify projections' convs go through `selfsup.conv.fast_conv`, as the ResNets' do.
 
 Deviations from the official implementation:
 - Masks are drawn on the device from the "mask" rng stream (argsort of uniform noise in JAX);
@@ -55,6 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from selfsup.backbones import Mask, check_mask_mode
+from selfsup.conv import conv_transpose_4x4_s2, fast_conv
 from selfsup.errors import UserError
 from selfsup.layer_norm import LayerNorm
 from selfsup.objectives.mae import patchify, unpatchify
@@ -182,28 +184,28 @@ class Densify(nn.Module):
             dtype=self.dtype,
             kernel_init=init,
             bias_init=init,
+            conv_general_dilated=fast_conv,
             name="proj",
         )(x)
 
 
-def upsample(features: int, dtype: Any = jnp.float32, name: str | None = None) -> nn.Module:
-    """PyTorch's ConvTranspose2d(k=4, s=2, p=1): [B, H, W, C] -> [B, 2H, 2W, features].
+class Upsample(nn.Module):
+    """PyTorch's ConvTranspose2d(k=4, s=2, p=1) with bias: [B, H, W, C] -> [B, 2H, 2W, features].
 
-    Explicit padding k - 1 - p = 2 per side of the stride-dilated input; the kernel
-    [4, 4, features, C] is PyTorch's weight [C, features, 4, 4] transposed:
-    kernel[ky, kx, o, i] = weight[i, o, ky, kx].
+    The kernel [4, 4, features, C] is PyTorch's weight [C, features, 4, 4] transposed:
+    kernel[ky, kx, o, i] = weight[i, o, ky, kx] (`nn.ConvTranspose`'s with `transpose_kernel`);
+    computed by `selfsup.conv.conv_transpose_4x4_s2`.
     """
-    return nn.ConvTranspose(
-        features,
-        (4, 4),
-        (2, 2),
-        padding=((2, 2), (2, 2)),
-        transpose_kernel=True,
-        dtype=dtype,
-        kernel_init=upsample_init,
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", upsample_init, (4, 4, self.features, x.shape[-1]))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return conv_transpose_4x4_s2(x, kernel) + bias
 
 
 class UNetBlock(nn.Module):
@@ -216,7 +218,7 @@ class UNetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         c = x.shape[-1]
-        x = upsample(c, self.dtype, name="up")(x)
+        x = Upsample(c, self.dtype, name="up")(x)
         for i, out in enumerate((c, self.features), start=1):
             x = nn.Conv(
                 out,
@@ -225,6 +227,7 @@ class UNetBlock(nn.Module):
                 use_bias=False,
                 dtype=self.dtype,
                 kernel_init=decoder_init,
+                conv_general_dilated=fast_conv,
                 name=f"conv{i}",
             )(x)
             x = nn.BatchNorm(
@@ -260,7 +263,14 @@ class LightDecoder(nn.Module):
             x = UNetBlock(
                 self.width // 2 ** (i + 1), self.bn_momentum, self.dtype, name=f"blocks_{i}"
             )(x, train=train)
-        return nn.Conv(CHANNELS, (1, 1), dtype=self.dtype, kernel_init=decoder_init, name="proj")(x)
+        return nn.Conv(
+            CHANNELS,
+            (1, 1),
+            dtype=self.dtype,
+            kernel_init=decoder_init,
+            conv_general_dilated=fast_conv,
+            name="proj",
+        )(x)
 
 
 class Objective(nn.Module):
