@@ -1,9 +1,11 @@
-"""Convolutions and pooling in the forms XLA:CPU runs fast, for the ResNets (NHWC / HWIO).
+"""Convolutions and pooling in the forms XLA:CPU runs fast (NHWC / HWIO), for the ResNets and
+SparK's decoder.
 
-`fast_conv` is a drop-in `lax.conv_general_dilated` for `nn.Conv`; `max_pool` is PyTorch's
-`max_pool2d` with PyTorch's gradient. Each gives the same values as the plain XLA op (up to
-float32 summation order); where they change the computation, BENCHMARKS.md (*ResNet convs*,
-*2-D dots*) has the measurements.
+`fast_conv` is a drop-in `lax.conv_general_dilated` for `nn.Conv`; `conv_transpose_4x4_s2` is
+PyTorch's ConvTranspose2d(4, 2, 1); `max_pool` is PyTorch's `max_pool2d` with PyTorch's
+gradient. Each gives the same values as the plain XLA op (up to float32 summation order); where
+they change the computation, BENCHMARKS.md (*ResNet convs*, *2-D dots*, *Convs on XLA:CPU*) has
+the measurements.
 """
 
 from __future__ import annotations
@@ -246,8 +248,8 @@ def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _xla_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    # The kernel flipped in space, its F and C axes as a forward conv's HWIO; stride-2 dilated
-    # input padded by k - 1 - p = 2 per side.
+    # `transpose_kernel` flips the kernel in space and swaps its F and C axes (HWIO's I and O);
+    # the stride-2 dilated input is padded by k - 1 - p = 2 per side.
     return jax.lax.conv_transpose(
         x,
         kernel,
@@ -262,10 +264,14 @@ def _phase_dots(x: jax.Array, kernel: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     rows = []
-    for a in (0, 1):
+    for row_phase in (0, 1):
         row = []
-        for p in (0, 1):
-            taps = [(dy, ky, dx, kx) for dy, ky in _PHASE_TAPS[a] for dx, kx in _PHASE_TAPS[p]]
+        for col_phase in (0, 1):
+            taps = [
+                (dy, ky, dx, kx)
+                for dy, ky in _PHASE_TAPS[row_phase]
+                for dx, kx in _PHASE_TAPS[col_phase]
+            ]
             views = [padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, _, dx, _ in taps]
             taps_kernel = jnp.concatenate([kernel[ky, kx].T for _, ky, _, kx in taps])  # [4C, F]
             row.append(dense.matmul(jnp.concatenate(views, axis=-1), taps_kernel))
