@@ -125,7 +125,7 @@ def _dot_kernel_grad_conv_bwd(strides, padding, precision, preferred_element_typ
     d_lhs = jax.vjp(lambda x: _xla_conv(x, rhs, *args), lhs)[1](g)[0]
 
     def xla_kernel_grad(lhs, g):
-        return jax.vjp(lambda w: _xla_conv(lhs, w, *args), rhs)[1](g)[0].astype(rhs.dtype)
+        return jax.vjp(lambda w: _xla_conv(lhs, w, *args), rhs)[1](g)[0]  # rhs's dtype
 
     def patches_kernel_grad(lhs, g):
         grad = _patches_kernel_grad(lhs, g, rhs.shape[:2], strides, padding, precision)

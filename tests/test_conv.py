@@ -39,7 +39,7 @@ def test_fast_conv_equals_the_convolution(batch, size, k, stride, cin, cout, pat
     w = rng.normal(size=(k, k, cin, cout))
     p = (k - 1) // 2
     args = ((stride, stride), ((p, p), (p, p)))
-    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, DN)
 
     def loss(conv, x, w):
         y = conv(x, w, *args, dimension_numbers=dn)
