@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from selfsup.conv import fast_conv
+from selfsup.ops import conv_general_dilated as fast_conv  # its CPU form, on this CPU
 
 BATCH = 32
 # name: (input side, in channels, out channels, kernel, stride)

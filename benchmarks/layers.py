@@ -5,13 +5,13 @@ respect to the input and the weights, in three forms interleaved in one process:
 
 - ViT MLP (LayerNorm -> fc1 -> exact GELU -> fc2, residual) on MAE ViT-B/16's encoder tokens
   [16, 13, 768] and decoder tokens [16, 50, 512]: Linen's `nn.Dense` (one dot over [B, T, D]),
-  `jax.nn.gelu` and an autodiff LayerNorm against the library's `selfsup.dense.Dense` (the same
-  dot on [B * T, D]), `selfsup.gelu` and `selfsup.layer_norm`;
+  `jax.nn.gelu` and an autodiff LayerNorm against the library's `selfsup.ops.Dense` (the same
+  dot on [B * T, D]), `selfsup.ops.gelu` and `selfsup.ops.layer_norm`;
 - ResNet-50's 1x1 conv + BatchNorm (batch statistics) + ReLU at 64 px, batch 32: the conv as a
   [B, H, W, C] @ [C, O] matmul and an autodiff BatchNorm and ReLU against
-  `selfsup.dense.matmul` (on [B * H * W, C]) and `selfsup.batch_norm.BatchNorm(relu=True)`;
+  `selfsup.ops.matmul` (on [B * H * W, C]) and `selfsup.ops.BatchNorm(relu=True)`;
 - the ResNet stem's 3x3/2 max-pool after a ReLU: `nn.max_pool` against
-  `selfsup.conv.max_pool`.
+  `selfsup.ops.max_pool`.
 
     python benchmarks/layers.py [--quick]
 """
@@ -28,10 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from selfsup import conv, dense
-from selfsup.batch_norm import BatchNorm
-from selfsup.gelu import gelu
-from selfsup.layer_norm import layer_norm
+from selfsup.ops import BatchNorm, gelu, layer_norm, matmul, max_pool
 
 # name: (kind, input shape [NHWC or BTD], width: MLP hidden or conv output channels)
 BLOCKS = {
@@ -70,7 +67,7 @@ def jax_blocks(kind: str) -> dict[str, Callable]:
 
         return {
             "linen": mlp(linen_dot, _layer_norm, lambda h: nn.gelu(h, approximate=False)),
-            "selfsup": mlp(dense.matmul, selfsup_norm, gelu),
+            "selfsup": mlp(matmul, selfsup_norm, gelu),
         }
     if kind == "conv":
 
@@ -84,7 +81,7 @@ def jax_blocks(kind: str) -> dict[str, Callable]:
 
         return {
             "linen": lambda x, w: jax.nn.relu(_batch_norm(jnp.matmul(x, w))),
-            "selfsup": lambda x, w: selfsup_bn_relu(dense.matmul(x, w)),
+            "selfsup": lambda x, w: selfsup_bn_relu(matmul(x, w)),
         }
 
     def pool(fn):
@@ -92,7 +89,7 @@ def jax_blocks(kind: str) -> dict[str, Callable]:
 
     return {
         "linen": pool(lambda x: nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))),
-        "selfsup": pool(lambda x: conv.max_pool(x, 3, 2, 1)),
+        "selfsup": pool(lambda x: max_pool(x, 3, 2, 1)),
     }
 
 

@@ -104,7 +104,7 @@ class MAE(nn.Module):
         x = self.patch_embed(images) + self.pos_embed[:, 1:]  # [B, N, D]
         b, n, d = x.shape
         keep = int(n * (1 - self.mask_ratio))
-        ids_shuffle = torch.argsort(torch.rand(b, n), dim=1)
+        ids_shuffle = torch.argsort(torch.rand(b, n, device=x.device), dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :keep]
         x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, d))  # [B, K, D]
@@ -160,8 +160,8 @@ class SimCLR(nn.Module):
         z = F.normalize(z, dim=1)
         logits = z @ z.T / self.temperature
         n2 = z.shape[0]
-        logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
-        positives = (torch.arange(n2) + n2 // 2) % n2
+        logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
+        positives = (torch.arange(n2, device=z.device) + n2 // 2) % n2
         return F.cross_entropy(logits, positives)
 
     def optimizer(self, lr: float = 0.3) -> torch.optim.Optimizer:
@@ -169,11 +169,21 @@ class SimCLR(nn.Module):
 
 
 class Trainer:
-    """One training step of `model` on fixed inputs, eager or under `torch.compile`."""
+    """One training step of `model` on fixed inputs, eager or under `torch.compile`, on the
+    inputs' device; `autocast`: a dtype such as torch.bfloat16 for the forward (mixed precision,
+    parameters and optimizer state stay float32)."""
 
-    def __init__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], compiled: bool):
-        self.model, self.inputs = model.train(), inputs
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        compiled: bool,
+        autocast: torch.dtype | None = None,
+    ):
+        self.device = inputs[0].device
+        self.model, self.inputs = model.to(self.device).train(), inputs
         self.opt = model.optimizer()
+        self.autocast = autocast
         self.loss_fn = torch.compile(model) if compiled else model
         self.compile_s, self.grad_norm = 0.0, float("nan")
         if compiled:  # the first call compiles forward and backward
@@ -183,21 +193,24 @@ class Trainer:
         """Seconds for one step: forward, backward, gradient norm (MAE), optimizer update."""
         start = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(*self.inputs)
+        with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
+            loss = self.loss_fn(*self.inputs)
         loss.backward()
         if getattr(self.model, "grad_norm_each_step", False):
             norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
             self.grad_norm = float(torch.stack(norms).norm())
         self.opt.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
 
-def mae_inputs(batch: int, size: int) -> tuple[torch.Tensor, ...]:
-    return (torch.randn(batch, 3, size, size),)
+def mae_inputs(batch: int, size: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    return (torch.randn(batch, 3, size, size, device=device),)
 
 
-def simclr_inputs(batch: int, size: int) -> tuple[torch.Tensor, ...]:
-    return (torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size))
+def simclr_inputs(batch: int, size: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(batch, 3, size, size, device=device) for _ in range(2))
 
 
 def compile_works() -> str:

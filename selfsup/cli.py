@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
+        if getattr(args, "tune_process", None):  # before JAX starts its backends
+            args.tune_process(args)
         distributed.initialize(
             args.coordinator, args.num_processes, args.process_id, mode=args.distributed
         )

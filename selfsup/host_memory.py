@@ -12,16 +12,18 @@ step reuses its pages: no faults in most steps (when the heap is fragmented, gli
 extends it and part of the buffer is faulted in anew).
 
 The cost: the process keeps its peak heap mapped (what a training process holds anyway), and
-threads share one arena's lock. glibc only; a no-op elsewhere, and when SELFSUP_HOST_MEMORY=default.
-It must run before XLA's threads first allocate (a thread keeps the arena it started with), so
-`import selfsup` applies it; a process that ran a JAX computation before that keeps glibc's
-default behaviour.
+threads share one arena's lock: a process-wide choice, so no library import makes it. `selfsup
+train` applies it when JAX will run on the CPU alone, before JAX starts (a thread keeps the arena
+it started with). glibc only; a no-op elsewhere, and when SELFSUP_HOST_MEMORY=default.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import platform
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -40,3 +42,20 @@ def keep_freed_memory() -> bool:
     # mallopt returns 1 on success; -1 for the trim threshold disables trimming (mallopt(3)).
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def jax_runs_on_cpu_only() -> bool:
+    """Whether JAX will find no accelerator in this process, decided without starting its
+    backends: JAX_PLATFORMS names cpu alone, or no GPU/TPU plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return set(platforms.lower().split(",")) <= {"cpu"}
+    if importlib.util.find_spec("libtpu") is not None:
+        return False
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return False
+    try:
+        import jax_plugins  # namespace package of the CUDA/ROCm plugins
+    except ImportError:
+        return True
+    return not any(pkgutil.iter_modules(jax_plugins.__path__))

@@ -56,21 +56,22 @@ def init_fn(model, tx: optax.GradientTransformation, example_views: tuple, seed:
     return init
 
 
-def create(model, tx, example_views: tuple, seed: int, mesh, rules) -> tuple[TrainState, Any]:
-    """(state, shardings): the state initialised under jit straight into its sharded layout."""
-    init = init_fn(model, tx, example_views, seed)
-    abstract = jax.eval_shape(init)
-    shardings = sharding.tree_shardings(abstract, mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)()
+def abstract(model, tx, example_views: tuple, seed: int, mesh, rules) -> tuple[TrainState, Any]:
+    """(state, shardings) without computing anything: the state's ShapeDtypeStructs carrying
+    the shardings that `rules` give them on `mesh` (a restore's target, a lowering's input)."""
+    shapes = jax.eval_shape(init_fn(model, tx, example_views, seed))
+    shardings = sharding.tree_shardings(shapes, mesh, rules)
+    state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
     return state, shardings
 
 
-def abstract(model, tx, example_views: tuple, seed: int, shardings) -> TrainState:
-    """The state's ShapeDtypeStructs carrying `shardings` (the target for a checkpoint restore)."""
-    shapes = jax.eval_shape(init_fn(model, tx, example_views, seed))
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
+def create(model, tx, example_views: tuple, seed: int, mesh, rules) -> tuple[TrainState, Any]:
+    """(state, shardings): the state initialised under jit straight into its sharded layout."""
+    _, shardings = abstract(model, tx, example_views, seed, mesh, rules)
+    state = jax.jit(init_fn(model, tx, example_views, seed), out_shardings=shardings)()
+    return state, shardings
 
 
 def _init_streams(model) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ run reproduces the uninterrupted one exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -40,6 +41,7 @@ from selfsup import config as config_lib
 from selfsup import state as state_lib
 from selfsup.errors import UserError
 from selfsup.evaluators import periodic
+from selfsup.ops import global_norm
 
 # Named random streams, each derived from (seed, step): fold_in(fold_in(key(seed), step), id).
 STREAMS = ("augment", "mask", "dropout", "drop_path", "mixup")
@@ -98,16 +100,6 @@ def make_grad_fn(model, views_fn, seed: int):
     return grad_fn
 
 
-def global_norm(tree) -> jax.Array:
-    """sqrt(sum of every leaf's squared entries), each leaf read once.
-
-    `optax.tree.norm` squares with `x * x`, which XLA:CPU merges with AdamW's own `g * g` and
-    then writes out as a gradient-sized tensor before reducing it (63 ms of the MAE ViT-B/16
-    step on one core); behind the barrier the square stays inside the reduction."""
-    leaves = (jax.lax.optimization_barrier(x).astype(jnp.float32) for x in jax.tree.leaves(tree))
-    return jnp.sqrt(sum(jnp.sum(x * x) for x in leaves))
-
-
 def make_train_step(model, tx, views_fn, seed: int, schedule):
     """train_step(state, batch) -> (state, metrics): augment, forward, backward, update."""
     grad_fn = make_grad_fn(model, views_fn, seed)
@@ -155,6 +147,51 @@ def jit_train_step(model, tx, views_fn, seed: int, schedule, mesh, state_shardin
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What the loop runs, built from the config alone: the objective (with its backbone), the
+    optimizer and its schedule, the views function, example views [2, ...] for initialisation,
+    the state's abstract shapes and shardings, and the jitted, sharded train step."""
+
+    model: Any
+    tx: optax.GradientTransformation
+    schedule: Any
+    views_fn: Any
+    example_views: tuple
+    abstract_state: Any
+    state_shardings: Any
+    train_step: Any
+    total_steps: int
+
+
+def build_program(config, mesh, num_classes: int | None, steps_per_epoch: int) -> Program:
+    """The `Program` for `config` on `mesh`; nothing is computed on a device."""
+    total_steps, warmup_steps = resolve_durations(config, steps_per_epoch)
+    optim_config = mlc.ConfigDict(config.optim.to_dict())
+    optim_config.warmup_steps = warmup_steps
+    tx, schedule = optim.build(optim_config, batch_size=config.batch_size, total_steps=total_steps)
+    model = build_model(config, num_classes)
+    views_fn = augment.build(config.views)
+    size = config.data.image_size
+    example_views = jax.eval_shape(
+        views_fn, jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8), jax.random.key(0)
+    )
+    num_views = getattr(model, "num_views", 1)
+    if len(example_views) != num_views:
+        raise UserError(
+            f"config.views has {len(example_views)} view specs, but objective "
+            f"'{config.objective.name}' takes {num_views}"
+        )
+    example_views = tuple(jnp.zeros(v.shape, v.dtype) for v in example_views)
+    abstract_state, shardings = state_lib.abstract(
+        model, tx, example_views, config.seed, mesh, config.param_sharding
+    )
+    step = jit_train_step(model, tx, views_fn, config.seed, schedule, mesh, shardings)
+    return Program(
+        model, tx, schedule, views_fn, example_views, abstract_state, shardings, step, total_steps
+    )
+
+
 def resolve_durations(config: mlc.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
     """(total_steps, warmup_steps) from steps or epochs."""
     total = config.total_steps or math.ceil(config.total_epochs * steps_per_epoch)
@@ -183,27 +220,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    total_steps, warmup_steps = resolve_durations(config, loader.steps_per_epoch)
-    optim_config = mlc.ConfigDict(config.optim.to_dict())
-    optim_config.warmup_steps = warmup_steps
-    tx, schedule = optim.build(optim_config, batch_size=config.batch_size, total_steps=total_steps)
-
-    model = build_model(config, source.num_classes)
-    views_fn = augment.build(config.views)
-    size = config.data.image_size
-    example_views = jax.eval_shape(
-        views_fn, jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8), jax.random.key(0)
-    )
-    num_views = getattr(model, "num_views", 1)
-    if len(example_views) != num_views:
-        raise UserError(
-            f"config.views has {len(example_views)} view specs, but objective "
-            f"'{config.objective.name}' takes {num_views}"
-        )
-    example_views = tuple(jnp.zeros(v.shape, v.dtype) for v in example_views)
-    state, state_shardings = state_lib.create(
-        model, tx, example_views, config.seed, mesh, config.param_sharding
-    )
+    program = build_program(config, mesh, source.num_classes, loader.steps_per_epoch)
+    model, views_fn, total_steps = program.model, program.views_fn, program.total_steps
+    init = state_lib.init_fn(model, program.tx, program.example_views, config.seed)
+    state = jax.jit(init, out_shardings=program.state_shardings)()
     # Read from the arrays' shardings: shrinks with the fsdp axis.
     memory_mib = sharding.bytes_per_device((state.params, state.opt_state)) / 2**20
     if is_main:
@@ -224,7 +244,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
             f.write(config_lib.to_json(config))
 
     batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jit_train_step(model, tx, views_fn, config.seed, schedule, mesh, state_shardings)
+    train_step = program.train_step
     images = ReconstructionImages(config, model, views_fn, source, mesh)
     writer = logs.Writer(workdir, active=is_main)
     meta = {"config": config.to_dict()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,3 +92,21 @@ def run_python(code: str, *, devices: int = 1, timeout: int = 300, **env) -> str
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc.stdout
+
+
+@pytest.fixture(params=["cpu", "reference"])
+def ops_form(request):
+    """Run the test with every op in its CPU form, then in its reference form (what GPUs and
+    TPUs run), each traced alone."""
+    from selfsup import ops
+
+    with ops.forms(request.param):
+        yield request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the numerics tests (`-m numerics`, run on a GPU by benchmarks/gpu.py): every op
+    test, and every test compared with a NumPy float64 reference."""
+    for item in items:
+        if item.path.parent.name == "ops" or re.search(r"numpy|float64", item.name):
+            item.add_marker(pytest.mark.numerics)

@@ -20,7 +20,7 @@ import optax
 import pytest
 from conftest import REPO, run_python
 
-from selfsup import augment, backbones, objectives, sharding, train
+from selfsup import augment, backbones, objectives, ops, sharding, train
 from selfsup import config as config_lib
 from selfsup import state as state_lib
 from selfsup.errors import UserError
@@ -127,17 +127,27 @@ def test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
     assert losses[-1] < losses[0], losses
 
 
+# One objective per backbone family, in the reference form of every op (what GPUs and TPUs run).
+REFERENCE_FORM_PAIRS = (("mae", "vit"), ("simclr", "resnet"), ("supervised", "convnext"))
+
+
+@pytest.mark.parametrize("objective, family", REFERENCE_FORM_PAIRS, ids="-".join)
+def test_reference_form_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
+    with ops.forms("reference"):
+        test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family)
+
+
 EIGHT_DEVICES = r"""
 import json, sys, jax, numpy as np, optax
 sys.path.insert(0, "tests")
 import test_objectives_shared as shared
 from selfsup import sharding, train, state as state_lib
 out = {}
-for objective in GROUP:
+for objective, family in GROUP:
     config = shared.smoke_configs().get(objective)
     if config is None:
         continue
-    model, views_fn, state, tx, batch = shared.setup(objective, config.backbone.name)
+    model, views_fn, state, tx, batch = shared.setup(objective, family or config.backbone.name)
     grads = {}
     for name, shape, devices in [("one", {"data": 1, "fsdp": 1}, jax.devices()[:1]),
                                  ("eight", {"data": 4, "fsdp": 2}, jax.devices())]:
@@ -169,21 +179,33 @@ OWN_EIGHT_DEVICE_TEST = {
     "simclr": "test_simclr.py",
     "swav": "test_swav.py",
 }
-# Two subprocesses (SparK, the slowest to compile, alone) that pytest-xdist can run side by side.
-GROUPS = (("spark",), ("aim", "mae", "simmim", "supervised"))
+# Subprocesses that pytest-xdist can run side by side (SparK, the slowest to compile, alone):
+# (ops form, (objective, family or None for its config's)).
+GROUPS = (
+    ("auto", (("spark", None),)),
+    ("auto", (("aim", None), ("mae", None), ("simmim", None), ("supervised", None))),
+    ("reference", REFERENCE_FORM_PAIRS),
+)
 
 
 def test_every_objective_is_compared_on_eight_devices():
-    assert sorted([*sum(GROUPS, ()), *OWN_EIGHT_DEVICE_TEST]) == sorted(OBJECTIVES)
+    compared = [objective for form, group in GROUPS if form == "auto" for objective, _ in group]
+    assert sorted([*compared, *OWN_EIGHT_DEVICE_TEST]) == sorted(OBJECTIVES)
+    families = {family for form, group in GROUPS if form == "reference" for _, family in group}
+    assert families == set(FAMILIES)
     for file in OWN_EIGHT_DEVICE_TEST.values():
         assert "def test_eight_devices_give_the_loss" in (REPO / "tests" / file).read_text(), file
 
 
-@pytest.mark.parametrize("group", GROUPS, ids="-".join)
-def test_eight_devices_equal_one_for_every_objective(group):
+@pytest.mark.parametrize(
+    "form, group", GROUPS, ids=lambda g: g if isinstance(g, str) else "-".join(o for o, _ in g)
+)
+def test_eight_devices_equal_one_for_every_objective(form, group):
     code = f"GROUP = {list(group)!r}\n" + EIGHT_DEVICES
-    out = json.loads(run_python(code, devices=8, timeout=900).strip().splitlines()[-1])
-    expected = {name for name in group if name in smoke_configs()}
+    out = json.loads(
+        run_python(code, devices=8, timeout=900, SELFSUP_OPS=form).strip().splitlines()[-1]
+    )
+    expected = {name for name, _ in group if name in smoke_configs()}
     assert set(out) == expected, (sorted(out), sorted(expected))
     for objective, result in out.items():
         one, eight = result["loss"]

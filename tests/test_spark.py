@@ -13,9 +13,10 @@ from conftest import REPO
 from PIL import Image
 
 from selfsup import config as config_lib
-from selfsup import conv, objectives, train
+from selfsup import objectives, ops, train
 from selfsup.errors import UserError
 from selfsup.objectives import spark
+from selfsup.ops import conv
 
 IMG, B = 64, 2
 CONVNEXT = dict(name="convnext", variant="atto", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
@@ -160,13 +161,14 @@ def test_upsample_is_pytorch_conv_transpose_k4_s2_p1(size):
     got = np.asarray(layer.apply({"params": params}, x32))
     assert got.shape == (2, 2 * size[0], 2 * size[1], 6)
     np.testing.assert_allclose(got, ref_conv_transpose(x, weight, bias), atol=1e-5)
-    # Both gradients, from the CPU's phase dots and from XLA's transposed conv (other platforms).
+    # Values and both gradients in both forms: the CPU's phase dots, XLA's transposed conv.
     want_dx, want_dweight = ref_conv_transpose_grads(x, weight, g)
     want_dkernel = want_dweight.transpose(2, 3, 1, 0)
-    for conv_transpose in (conv.conv_transpose_4x4_s2, conv._xla_conv_transpose):
-        dx, dkernel = jax.grad(lambda x, k, f=conv_transpose: (f(x, k) * g).sum(), (0, 1))(
-            x32, params["kernel"]
-        )
+    for form in ("cpu", "reference"):
+        with ops.forms(form):
+            y, vjp = jax.vjp(conv.conv_transpose_4x4_s2, x32, params["kernel"])
+            dx, dkernel = vjp(jnp.asarray(g, jnp.float32))
+        np.testing.assert_allclose(y + bias, got, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-5, atol=1e-4)
     # The CPU program holds no convolution: XLA:CPU runs the stride-dilated one slowly.

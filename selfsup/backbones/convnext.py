@@ -40,10 +40,8 @@ import numpy as np
 
 from selfsup.backbones import Features, Mask
 from selfsup.backbones.vit import DropPath
-from selfsup.dense import Dense
 from selfsup.errors import UserError
-from selfsup.gelu import gelu
-from selfsup.layer_norm import LayerNorm
+from selfsup.ops import Dense, LayerNorm, gelu
 
 # variant -> (blocks per stage, channels per stage), as in timm's convnext.py.
 VARIANTS = {

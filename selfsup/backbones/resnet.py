@@ -33,7 +33,7 @@ projection shortcut exists only where the shape changes (the official code also 
 ResNet-18/34's first block); convs start He-normal over fan_out instead of TF's default
 VarianceScaling (truncated normal over fan_in); the last BN of each block is zero-initialised
 only with `zero_init_last_bn=True` (always in the official code). From PyTorch: the BatchNorm
-(`selfsup.batch_norm`, as flax's) keeps the biased batch variance in its running average where
+(`selfsup.ops.BatchNorm`, as flax's) keeps the biased batch variance in its running average where
 PyTorch keeps the unbiased one (a factor n/(n-1), n = positions per channel in the batch).
 """
 
@@ -48,9 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfsup.backbones import Features, Mask
-from selfsup.batch_norm import BatchNorm
-from selfsup.conv import fast_conv, max_pool
 from selfsup.errors import UserError
+from selfsup.ops import BatchNorm, conv_general_dilated, max_pool
 
 # depth -> (bottleneck?, blocks per stage)
 DEPTHS = {
@@ -135,7 +134,7 @@ class _Layers(nn.Module):
             use_bias=False,
             dtype=self.dtype,
             kernel_init=conv_init,
-            conv_general_dilated=fast_conv,
+            conv_general_dilated=conv_general_dilated,
             name=name,
         )
         return _masked(conv(x), keep)

@@ -22,12 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfsup.attention import attention
 from selfsup.backbones import Features, Mask
-from selfsup.dense import Dense
 from selfsup.errors import UserError
-from selfsup.gelu import gelu
-from selfsup.layer_norm import LayerNorm
+from selfsup.ops import Dense, LayerNorm, attention, gelu
 
 # size -> (width, depth, heads); the MLP is 4x the width.
 SIZES = {

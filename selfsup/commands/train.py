@@ -1,4 +1,4 @@
-"""`selfsup train`: pretrain (or resume) from a config file."""
+"""`selfsup train`: pretrain (or resume) from a config file, or only lower its step."""
 
 from __future__ import annotations
 
@@ -9,14 +9,43 @@ HELP = "pretrain (or resume) a model from a config file"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
-    parser.add_argument("--workdir", required=True, help="checkpoints, logs and images go here")
+    parser.add_argument("--workdir", help="checkpoints, logs and images go here")
+    parser.add_argument(
+        "--lower-only",
+        metavar="PLATFORMS",
+        help="build the sharded train step and lower it for these platforms (e.g. tpu,cuda) "
+        "without running anything; prints the parameter count and XLA's cost estimate. The "
+        "mesh is this machine's devices (emulate more with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N)",
+    )
+    parser.set_defaults(tune_process=tune_process)
+
+
+def tune_process(args) -> None:
+    """Before JAX starts: a CPU training process keeps freed host memory (selfsup/host_memory.py;
+    SELFSUP_HOST_MEMORY=default turns it off). Never on an accelerator host, nor for lowering."""
+    from selfsup import host_memory
+
+    if not args.lower_only and host_memory.jax_runs_on_cpu_only():
+        host_memory.keep_freed_memory()
 
 
 def run(args, overrides: dict[str, str]) -> int:
     from selfsup import config as config_lib
-    from selfsup import train
+    from selfsup.errors import UserError
 
     config = config_lib.resolve(config_lib.load(args.config), overrides)
+    if args.lower_only:
+        from selfsup import lower
+
+        platforms = lower.parse_platforms(args.lower_only)
+        for line in lower.report(lower.lower_train_step(config, platforms), config):
+            print(f"selfsup: {line}", file=sys.stderr)
+        return 0
+    if not args.workdir:
+        raise UserError("--workdir is required to train (only --lower-only runs without one)")
+    from selfsup import train
+
     try:
         result = train.train_and_evaluate(config, args.workdir)
     except train.Interrupted as e:

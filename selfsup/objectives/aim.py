@@ -39,10 +39,9 @@ import jax.numpy as jnp
 
 from selfsup.backbones import Mask, check_mask_mode, vit
 from selfsup.backbones.vit import prefix_causal_mask
-from selfsup.dense import Dense
 from selfsup.errors import UserError
-from selfsup.layer_norm import LayerNorm
 from selfsup.objectives.mae import patchify, unpatchify
+from selfsup.ops import Dense, LayerNorm
 
 __all__ = ["Head", "Objective", "aim_loss", "prefix_causal_mask", "sample_prefix_len"]
 

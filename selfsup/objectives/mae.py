@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from selfsup.backbones import Mask, check_mask_mode, vit
-from selfsup.dense import Dense
 from selfsup.errors import UserError
-from selfsup.layer_norm import LayerNorm
+from selfsup.ops import Dense, LayerNorm
 
 NORM_PIX_EPS = 1e-6
 CHANNELS = 3

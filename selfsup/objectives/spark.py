@@ -26,8 +26,8 @@ zero bias, its transposed convs He-normal over fan_out; the decoder's BatchNorms
 The transposed conv is PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1), its kernel
 [kh, kw, out, in] the PyTorch weight [in, out, kh, kw] transposed (no flip), as flax's
 `ConvTranspose` with `transpose_kernel=True` holds it; on CPU it runs as four phase dots
-(`selfsup.conv.conv_transpose_4x4_s2`), elsewhere as XLA's transposed conv. The decoder's and
-densify projections' convs go through `selfsup.conv.fast_conv`, as the ResNets' do.
+(`selfsup.ops.conv_transpose_4x4_s2`), elsewhere as XLA's transposed conv. The decoder's and
+densify projections' convs go through `selfsup.ops.conv_general_dilated`, as the ResNets' do.
 
 Deviations from the official implementation:
 - Masks are drawn on the device from the "mask" rng stream (argsort of uniform noise in JAX);
@@ -56,10 +56,9 @@ import jax
 import jax.numpy as jnp
 
 from selfsup.backbones import Mask, check_mask_mode
-from selfsup.conv import conv_transpose_4x4_s2, fast_conv
 from selfsup.errors import UserError
-from selfsup.layer_norm import LayerNorm
 from selfsup.objectives.mae import patchify, unpatchify
+from selfsup.ops import LayerNorm, conv_general_dilated, conv_transpose_4x4_s2
 
 STRIDE = 32  # the encoder's downsampling = the mask cell = the loss patch
 LEVELS = 4  # feature maps at strides 32, 16, 8, 4
@@ -184,7 +183,7 @@ class Densify(nn.Module):
             dtype=self.dtype,
             kernel_init=init,
             bias_init=init,
-            conv_general_dilated=fast_conv,
+            conv_general_dilated=conv_general_dilated,
             name="proj",
         )(x)
 
@@ -194,7 +193,7 @@ class Upsample(nn.Module):
 
     The kernel [4, 4, features, C] is PyTorch's weight [C, features, 4, 4] transposed:
     kernel[ky, kx, o, i] = weight[i, o, ky, kx] (`nn.ConvTranspose`'s with `transpose_kernel`);
-    computed by `selfsup.conv.conv_transpose_4x4_s2`.
+    computed by `selfsup.ops.conv_transpose_4x4_s2`.
     """
 
     features: int
@@ -227,7 +226,7 @@ class UNetBlock(nn.Module):
                 use_bias=False,
                 dtype=self.dtype,
                 kernel_init=decoder_init,
-                conv_general_dilated=fast_conv,
+                conv_general_dilated=conv_general_dilated,
                 name=f"conv{i}",
             )(x)
             x = nn.BatchNorm(
@@ -268,7 +267,7 @@ class LightDecoder(nn.Module):
             (1, 1),
             dtype=self.dtype,
             kernel_init=decoder_init,
-            conv_general_dilated=fast_conv,
+            conv_general_dilated=conv_general_dilated,
             name="proj",
         )(x)
 

@@ -1,17 +1,18 @@
-"""LayerNorm over the last axis with a hand-written gradient; a drop-in for `flax.linen.LayerNorm`.
+"""LayerNorm over the last axis; `LayerNorm` is a drop-in for `flax.linen.LayerNorm`.
 
 Same parameters as Linen's (`scale` ones, `bias` zeros, float32, shape [C]) and the same
 output; the statistics are two-pass (mean, then the mean of squared deviations, as PyTorch
-computes them and Linen's `use_fast_variance=False`), in float32 for any input dtype. Autodiff
-of the Linen layer leaves XLA:CPU several reductions and a materialised broadcast of `scale`
-per layer; the backward here is the closed form
+computes them and Linen's `use_fast_variance=False`), in float32 for any input dtype.
 
-    dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat)),  g' = g * scale,
-    dscale = sum(g * xhat),  dbias = sum(g),
+- Reference form: that formula and autodiff.
+- CPU form: the same forward and the closed-form backward
 
-with xhat recomputed from the saved x, mean and rstd (behind an `optimization_barrier`, so
-XLA does not store the forward's xhat instead). The MAE ViT-B/16 step's LayerNorm work on one
-core: 97 -> 60 ms (BENCHMARKS.md, *Elementwise work*).
+      dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat)),  g' = g * scale,
+      dscale = sum(g * xhat),  dbias = sum(g),
+
+  with xhat recomputed from the saved x, mean and rstd behind an `optimization_barrier` (so XLA
+  does not store the forward's xhat instead). Autodiff leaves XLA:CPU several reductions and a
+  materialised broadcast of `scale` per layer (BENCHMARKS.md, *Elementwise work*).
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from selfsup.ops.dispatch import choose
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis; x [..., C], scale and
+    bias [C]; returned in x's dtype."""
+    return choose(
+        cpu=lambda x, scale, bias: _cpu_layer_norm(x, scale, bias, eps),
+        reference=functools.partial(reference_layer_norm, eps=eps),
+        name="layer_norm",
+    )(x, scale, bias)
+
 
 def _stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     """float32 mean and 1/sqrt(var + eps) over the last axis, each [..., 1]."""
@@ -31,10 +44,14 @@ def _stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     return mean, jax.lax.rsqrt((centred * centred).mean(-1, keepdims=True) + eps)
 
 
+def reference_layer_norm(x, scale, bias, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean, rstd = _stats(xf, eps)
+    return ((xf - mean) * rstd * scale + bias).astype(x.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis; x [..., C], scale and
-    bias [C]; returned in x's dtype."""
+def _cpu_layer_norm(x, scale, bias, eps: float) -> jax.Array:
     return _forward(x, scale, bias, eps)[0]
 
 
@@ -56,7 +73,7 @@ def _backward(eps, saved, grad):
     return dx.astype(x.dtype), (g * xhat).sum(leading), g.sum(leading)
 
 
-layer_norm.defvjp(_forward, _backward)
+_cpu_layer_norm.defvjp(_forward, _backward)
 
 
 class LayerNorm(nn.Module):

@@ -1,13 +1,12 @@
 """Multi-head softmax attention from the fused qkv projection: [B, T, 3, N, H] -> [B, T, N, H].
 
-On GPU and TPU this is `jax.nn.dot_product_attention` (the fused kernels). On CPU it is the
-same softmax(q k^T / sqrt(H) + mask) v with batch-leading dots ([B, N, T, H]) and a
-hand-written backward that writes the qkv gradient as one [B, T, 3, N, H] stack: autodiff of
-`dot_product_attention` leaves XLA:CPU transposes around every attention dot, three padded
-copies of the q, k and v gradients summed into two layouts of the qkv gradient, and a
-materialised broadcast in the softmax. The MAE ViT-B/16 step's attention work on one core:
-202 -> 120 ms (BENCHMARKS.md, *Elementwise work*). `jax.lax.platform_dependent` makes the
-choice when the step is lowered.
+- Reference form: `jax.nn.dot_product_attention` (the fused kernels on GPU and TPU) and
+  autodiff.
+- CPU form: the same softmax(q k^T / sqrt(H) + mask) v with batch-leading dots ([B, N, T, H])
+  and a hand-written backward that writes the qkv gradient as one [B, T, 3, N, H] stack:
+  autodiff of `dot_product_attention` leaves XLA:CPU transposes around every attention dot,
+  three padded copies of the q, k and v gradients summed into two layouts of the qkv gradient,
+  and a materialised broadcast in the softmax (BENCHMARKS.md, *Elementwise work*).
 """
 
 from __future__ import annotations
@@ -16,20 +15,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfsup.ops.dispatch import choose
+
 
 def attention(qkv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """qkv [B, T, 3, N, H] (q, k, v along axis 2); mask: bool broadcastable to [B, N, T, T],
     True = may attend. Returns [B, T, N, H]."""
 
-    def fused(qkv):
-        q, k, v = jnp.moveaxis(qkv, 2, 0)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    def reference(qkv):
+        return reference_attention(qkv, mask)
 
     def cpu(qkv):
         bias = None if mask is None else jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
-        return softmax_attention(qkv, bias)
+        return _softmax_attention(qkv, bias)
 
-    return jax.lax.platform_dependent(qkv, cpu=cpu, default=fused)
+    return choose(cpu=cpu, reference=reference, name="attention")(qkv)
+
+
+def reference_attention(qkv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    q, k, v = jnp.moveaxis(qkv, 2, 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
 def _heads_first(x: jax.Array) -> jax.Array:
@@ -43,7 +48,7 @@ def _split(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 @jax.custom_vjp
-def softmax_attention(qkv: jax.Array, bias: jax.Array | None) -> jax.Array:
+def _softmax_attention(qkv: jax.Array, bias: jax.Array | None) -> jax.Array:
     """softmax(q k^T / sqrt(H) + bias) v; qkv [B, T, 3, N, H], bias float32 broadcastable to
     [B, N, T, T] or None -> [B, T, N, H]. Logits and softmax in float32; the bias (made
     from a bool mask) gets no gradient."""
@@ -74,4 +79,4 @@ def _backward(saved, grad):
     return dqkv.astype(qkv.dtype), None if bias is None else jnp.zeros_like(bias)
 
 
-softmax_attention.defvjp(_forward, _backward)
+_softmax_attention.defvjp(_forward, _backward)

@@ -1,4 +1,5 @@
-"""selfsup.dense: Linen's Dense with its matmul as one 2-D dot, against NumPy float64."""
+"""selfsup.ops.Dense: Linen's Dense against NumPy float64 in both forms; the CPU form's matmul is
+one 2-D dot."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfsup import dense
+from selfsup.ops import dense
 
 
 def dot_lhs_ranks(fn, *args) -> list[int]:
@@ -28,7 +29,7 @@ def dot_lhs_ranks(fn, *args) -> list[int]:
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 6), (2, 3, 4, 6), (4, 6)])
-def test_dense_equals_numpy_with_linen_parameters_and_2d_dots(shape):
+def test_dense_equals_numpy_with_linen_parameters_and_2d_dots(shape, ops_form):
     rng = np.random.default_rng(len(shape))
     x = rng.normal(size=shape)
     layer = dense.Dense(7)
@@ -47,14 +48,16 @@ def test_dense_equals_numpy_with_linen_parameters_and_2d_dots(shape):
     np.testing.assert_allclose(grads["params"]["kernel"], flat_x.T @ flat_g, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grads["params"]["bias"], flat_g.sum(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, g @ kernel.T, rtol=1e-5, atol=1e-5)
-    # Forward and both gradient products are plain 2-D dots, whatever the input's rank.
-    assert dot_lhs_ranks(jax.grad(loss, (0, 1)), params, x32) == [2, 2, 2]
+    # In the CPU form, forward and both gradient products are plain 2-D dots, whatever the
+    # input's rank; the reference form contracts the input as it is.
+    ranks = [2, 2, 2] if ops_form == "cpu" else [len(shape)] * 3
+    assert dot_lhs_ranks(jax.grad(loss, (0, 1)), params, x32) == ranks
 
 
-def test_other_contractions_are_left_as_they_are():
+def test_other_contractions_are_left_as_they_are(ops_form):
     a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
     batched = (((2,), (1,)), ((0,), (0,)))
     np.testing.assert_array_equal(
-        dense.flat_dot_general(a, b, batched), jax.lax.dot_general(a, b, batched)
+        dense.dot_general(a, b, batched), jax.lax.dot_general(a, b, batched)
     )
-    assert dot_lhs_ranks(lambda a, b: dense.flat_dot_general(a, b, batched), a, b) == [3]
+    assert dot_lhs_ranks(lambda a, b: dense.dot_general(a, b, batched), a, b) == [3]

@@ -1,5 +1,5 @@
-"""selfsup.layer_norm: values against NumPy float64, gradients against float64 central
-differences, parameters and outputs as Linen's LayerNorm."""
+"""selfsup.ops.layer_norm in both forms: values against NumPy float64, gradients against
+float64 central differences, parameters and outputs as Linen's LayerNorm."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from conftest import numeric_grad, numpy_layer_norm
 
-from selfsup.layer_norm import LayerNorm, layer_norm
+from selfsup.ops import LayerNorm, layer_norm
 
 EPS = 1e-6
 
 
 @pytest.mark.parametrize("shape", [(3, 8), (2, 3, 8)])
-def test_layer_norm_and_its_gradients_match_numpy_float64(shape):
+def test_layer_norm_and_its_gradients_match_numpy_float64(shape, ops_form):
     rng = np.random.default_rng(len(shape))
     x = rng.normal(size=shape) * 2.0 + 0.5
     scale, bias = rng.normal(size=8), rng.normal(size=8)
@@ -35,7 +35,7 @@ def test_layer_norm_and_its_gradients_match_numpy_float64(shape):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_module_has_linens_parameters_and_output():
+def test_module_has_linens_parameters_and_output(ops_form):
     x = jax.random.normal(jax.random.key(0), (2, 5, 16)) * 3.0 + 1.0
     ours, linen = LayerNorm(1e-6), nn.LayerNorm(1e-6)
     params = ours.init(jax.random.key(1), x)

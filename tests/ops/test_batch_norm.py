@@ -1,6 +1,6 @@
-"""selfsup.batch_norm: values, running statistics and gradients against NumPy float64 (gradients
-by central differences), with and without the ReLU and SparK's keep mask; variables and outputs
-as Linen's BatchNorm."""
+"""selfsup.ops.BatchNorm in both forms: values, running statistics and gradients against NumPy
+float64 (gradients by central differences), with and without the ReLU and SparK's keep mask;
+variables and outputs as Linen's BatchNorm."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import numeric_grad
 
-from selfsup.batch_norm import BatchNorm
+from selfsup.ops import BatchNorm
 
 EPS, MOMENTUM = 1e-5, 0.9
 SHAPE = (3, 4, 4, 5)  # [B, H, W, C]
@@ -39,7 +39,7 @@ def _inputs(seed):
 
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_values_statistics_and_gradients_match_numpy_float64(relu, masked):
+def test_values_statistics_and_gradients_match_numpy_float64(relu, masked, ops_form):
     x, scale, bias, mask, w = _inputs(2 * relu + masked)
     mask = mask if masked else None
     ra_mean, ra_var = np.full(SHAPE[-1], 0.3), np.full(SHAPE[-1], 2.0)
@@ -84,7 +84,7 @@ def test_values_statistics_and_gradients_match_numpy_float64(relu, masked):
         assert np.abs(np.asarray(grads[1])[~np.broadcast_to(mask, SHAPE)]).max() > 1e-3
 
 
-def test_evaluation_uses_the_running_averages():
+def test_evaluation_uses_the_running_averages(ops_form):
     x, scale, bias, _, _ = _inputs(7)
     stats = {"mean": np.linspace(-1.0, 1.0, SHAPE[-1]), "var": np.linspace(0.5, 3.0, SHAPE[-1])}
     variables = jax.tree.map(
@@ -99,7 +99,7 @@ def test_evaluation_uses_the_running_averages():
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_module_has_linens_variables_output_and_gradients(masked):
+def test_module_has_linens_variables_output_and_gradients(masked, ops_form):
     x, _, _, mask, w = _inputs(11)
     x = jnp.asarray(x, jnp.float32)
     mask = mask if masked else None
@@ -134,7 +134,7 @@ def test_module_has_linens_variables_output_and_gradients(masked):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
 
 
-def test_bfloat16_input_gives_bfloat16_output_and_gradient():
+def test_bfloat16_input_gives_bfloat16_output_and_gradient(ops_form):
     x, scale, bias, _, _ = _inputs(13)
     variables = BatchNorm().init(jax.random.key(0), jnp.asarray(x, jnp.float32))
     layer = BatchNorm(dtype=jnp.bfloat16, relu=True)

@@ -1,5 +1,5 @@
-"""BatchNorm (optionally with its ReLU) with a hand-written gradient; a drop-in for the
-`flax.linen.BatchNorm` the ResNets use.
+"""BatchNorm (optionally with its ReLU); a drop-in for the `flax.linen.BatchNorm` the ResNets
+use.
 
 Same variables as Linen's (`params`: `scale`, `bias` [C]; `batch_stats`: `mean`, `var` [C],
 the biased batch variance in the running average) and the same output; statistics over every
@@ -8,16 +8,17 @@ axis but the last, two-pass (mean, then the mean of squared deviations, as PyTor
 sparse BatchNorm), in float32 for any input dtype. With `relu=True` the layer returns
 max(BN(x), 0), the conv-BN-ReLU unit's last two steps as one.
 
-Autodiff of Linen's layer and a ReLU leaves XLA:CPU a materialised x - mean in the forward and
-six passes in the backward per layer; the backward here is the closed form (n kept positions,
-m the mask, g' = g * [BN(x) > 0] with the ReLU, xhat recomputed from the saved x, mean, rstd):
+- Reference form: that formula and autodiff.
+- CPU form: the same forward and the closed-form backward (n kept positions, m the mask,
+  g' = g * [BN(x) > 0] with the ReLU, xhat recomputed from the saved x, mean, rstd behind an
+  `optimization_barrier`):
 
-    dx = rstd * scale * (g' - m / n * (sum(g') + xhat * sum(g' * xhat))),
-    dscale = sum(g' * xhat),  dbias = sum(g'),
+      dx = rstd * scale * (g' - m / n * (sum(g') + xhat * sum(g' * xhat))),
+      dscale = sum(g' * xhat),  dbias = sum(g'),
 
-sums over every position, masked ones included (their outputs still depend on the kept
-statistics). The SimCLR ResNet-50 step's BatchNorm and ReLU work on one core: see
-BENCHMARKS.md, *BatchNorm*.
+  sums over every position, masked ones included (their outputs still depend on the kept
+  statistics). Autodiff leaves XLA:CPU a materialised x - mean in the forward and six passes in
+  the backward per layer (BENCHMARKS.md, *BatchNorm*).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from selfsup.ops.dispatch import choose
 
 
 def _stats(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -47,10 +50,32 @@ def _stats(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array, 
     return mean, (centred * centred).sum(axes) / count, count
 
 
+def batch_norm(x, scale, bias, mask, eps: float, relu: bool):
+    """Training-mode BatchNorm (then ReLU if `relu`) over every axis but the last, statistics
+    over `mask`'s True positions (None: all): x [..., C], scale and bias [C] -> (y [..., C] in
+    x's dtype, batch mean [C], biased batch variance [C])."""
+    masks = () if mask is None else (mask,)
+
+    def reference(x, scale, bias, *masks):
+        return reference_batch_norm(x, scale, bias, masks[0] if masks else None, eps, relu)
+
+    def cpu(x, scale, bias, *masks):
+        return _cpu_batch_norm(x, scale, bias, masks[0] if masks else None, eps, relu)
+
+    return choose(cpu=cpu, reference=reference, name="batch_norm")(x, scale, bias, *masks)
+
+
+def reference_batch_norm(x, scale, bias, mask, eps: float, relu: bool):
+    xf = x.astype(jnp.float32)
+    mean, var, _ = _stats(xf, mask)
+    _, y = _normalise(xf, mean, jax.lax.rsqrt(var + eps), scale, bias, relu)
+    return y.astype(x.dtype), mean, var
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _batch_norm(x, scale, bias, mask, eps: float, relu: bool):
-    """(y [..., C] in x's dtype, batch mean [C], batch variance [C]); the statistics carry no
-    gradient (the module stores them behind `stop_gradient`)."""
+def _cpu_batch_norm(x, scale, bias, mask, eps: float, relu: bool):
+    """`batch_norm` whose statistics carry no gradient (the module stores them behind
+    `stop_gradient`)."""
     return _forward(x, scale, bias, mask, eps, relu)[0]
 
 
@@ -84,7 +109,7 @@ def _backward(eps, relu, saved, grads):
     return dx.astype(x.dtype), dscale, dbias, dmask
 
 
-_batch_norm.defvjp(_forward, _backward)
+_cpu_batch_norm.defvjp(_forward, _backward)
 
 
 class BatchNorm(nn.Module):
@@ -116,7 +141,7 @@ class BatchNorm(nn.Module):
             return y.astype(dtype)
         if mask is not None:
             mask = jnp.asarray(mask, bool)
-        y, mean, var = _batch_norm(x, scale, bias, mask, self.epsilon, self.relu)
+        y, mean, var = batch_norm(x, scale, bias, mask, self.epsilon, self.relu)
         if not self.is_initializing():
             mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

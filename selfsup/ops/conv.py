@@ -1,11 +1,11 @@
-"""Convolutions and pooling in the forms XLA:CPU runs fast (NHWC / HWIO), for the ResNets and
-SparK's decoder.
+"""Convolutions and pooling (NHWC / HWIO) for the ResNets and SparK's decoder.
 
-`fast_conv` is a drop-in `lax.conv_general_dilated` for `nn.Conv`; `conv_transpose_4x4_s2` is
-PyTorch's ConvTranspose2d(4, 2, 1); `max_pool` is PyTorch's `max_pool2d` with PyTorch's
-gradient. Each gives the same values as the plain XLA op (up to float32 summation order); where
-they change the computation, BENCHMARKS.md (*ResNet convs*, *2-D dots*, *Convs on XLA:CPU*) has
-the measurements.
+`conv_general_dilated` is a drop-in `lax.conv_general_dilated` for `nn.Conv`;
+`conv_transpose_4x4_s2` is PyTorch's ConvTranspose2d(4, 2, 1); `max_pool` is PyTorch's
+`max_pool2d`. Their reference forms are XLA's conv, transposed conv and reduce-window max with
+autodiff. Their CPU forms give the same values (up to float32 summation order) as dots that
+XLA:CPU runs faster than its convs; BENCHMARKS.md (*ResNet convs*, *2-D dots*, *Convs on
+XLA:CPU*) has the measurements.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from selfsup import dense
+from selfsup.ops.dense import flat_matmul
+from selfsup.ops.dispatch import choose
 
 # A k x k conv with at least this many output positions (B * h * w, of the global batch) takes
 # its kernel gradient as a dot on CPU, while its patches stay under PATCHES_MAX_BYTES.
@@ -23,7 +24,7 @@ DOT_KERNEL_GRAD_POSITIONS = 8192
 PATCHES_MAX_BYTES = 1 << 30
 
 
-def fast_conv(
+def conv_general_dilated(
     lhs,
     rhs,
     window_strides,
@@ -35,6 +36,31 @@ def fast_conv(
     precision=None,
     preferred_element_type=None,
 ):
+    """`lax.conv_general_dilated`, the reference form; the CPU form is `_cpu_conv`."""
+    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    kwargs = dict(precision=precision, preferred_element_type=preferred_element_type)
+
+    def reference(lhs, rhs):
+        return jax.lax.conv_general_dilated(lhs, rhs, *args, feature_group_count, **kwargs)
+
+    def cpu(lhs, rhs):
+        return _cpu_conv(lhs, rhs, *args, feature_group_count, **kwargs)
+
+    return choose(cpu=cpu, reference=reference, name="conv")(lhs, rhs)
+
+
+def _cpu_conv(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    precision,
+    preferred_element_type,
+):
     """`lax.conv_general_dilated` for NHWC / HWIO, computed as a dot where XLA:CPU's conv is slow:
 
     - a 1x1 conv as (strided) input @ kernel: its kernel gradient is then a dot over batch and
@@ -44,14 +70,14 @@ def fast_conv(
       cut by k x k strided slices: XLA:CPU lowers those convs and their gradients to a slow
       generic path (a 3x3 conv on a 2x2 map ~50x slower), which every ResNet at 32-64 px hits;
     - any other k x k conv with at least `DOT_KERNEL_GRAD_POSITIONS` output positions as XLA's
-      conv, but on CPU its kernel gradient as patches^T @ output gradient (a ResNet's stem and
-      first stage at 64 px, SparK's decoder: 1.2-2.3x faster; the patches, k * k times the
-      input, up to `PATCHES_MAX_BYTES`): XLA:CPU transposes both operands into a conv over the
-      batch that runs at 17-60 GFLOP/s on these shapes against ~270 for its matmuls (*ResNet
-      convs*); with fewer positions, XLA's is as fast or faster. On other platforms XLA's.
+      conv, but its kernel gradient as patches^T @ output gradient (a ResNet's stem and first
+      stage at 64 px, SparK's decoder; the patches, k * k times the input, up to
+      `PATCHES_MAX_BYTES`): XLA:CPU transposes both operands into a conv over the batch that
+      runs far below its matmuls' speed on these shapes (*ResNet convs*); with fewer positions,
+      XLA's is as fast or faster.
 
     The same values either way (up to float32 summation order); other convs go to XLA as they
-    are, and on an accelerator every conv does only what XLA does with it anyway.
+    are.
     """
     kh, kw, cin, cout = rhs.shape
     plain = (
@@ -71,7 +97,7 @@ def fast_conv(
             # [B, out_h, out_w, cin] per kernel offset (i, j), in HWIO's order
             cols, _ = _window_views(lhs, (kh, kw), window_strides, padding, 0.0)
             patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-            return dense.matmul(  # as [B * out_h * out_w, k * k * cin] @ [k * k * cin, cout]
+            return flat_matmul(  # as [B * out_h * out_w, k * k * cin] @ [k * k * cin, cout]
                 patches,
                 rhs.reshape(kh * kw * cin, cout),
                 precision=precision,
@@ -111,7 +137,7 @@ def _xla_conv(lhs, rhs, strides, padding, precision, preferred_element_type):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _dot_kernel_grad_conv(lhs, rhs, strides, padding, precision, preferred_element_type):
-    """XLA's conv whose kernel gradient on CPU is `_patches_kernel_grad`."""
+    """XLA's conv whose kernel gradient is `_patches_kernel_grad`."""
     return _xla_conv(lhs, rhs, strides, padding, precision, preferred_element_type)
 
 
@@ -123,16 +149,8 @@ def _dot_kernel_grad_conv_bwd(strides, padding, precision, preferred_element_typ
     lhs, rhs = residuals
     args = (strides, padding, precision, preferred_element_type)
     d_lhs = jax.vjp(lambda x: _xla_conv(x, rhs, *args), lhs)[1](g)[0]
-
-    def xla_kernel_grad(lhs, g):
-        return jax.vjp(lambda w: _xla_conv(lhs, w, *args), rhs)[1](g)[0]  # rhs's dtype
-
-    def patches_kernel_grad(lhs, g):
-        grad = _patches_kernel_grad(lhs, g, rhs.shape[:2], strides, padding, precision)
-        return grad.astype(rhs.dtype)
-
-    d_rhs = jax.lax.platform_dependent(lhs, g, cpu=patches_kernel_grad, default=xla_kernel_grad)
-    return d_lhs, d_rhs
+    d_rhs = _patches_kernel_grad(lhs, g, rhs.shape[:2], strides, padding, precision)
+    return d_lhs, d_rhs.astype(rhs.dtype)
 
 
 _dot_kernel_grad_conv.defvjp(_dot_kernel_grad_conv_fwd, _dot_kernel_grad_conv_bwd)
@@ -188,20 +206,33 @@ def _pool_windows(x: jax.Array, k: int, s: int, p: int) -> tuple[list, tuple]:
     return _window_views(x, (k, k), (s, s), ((p, p), (p, p)), -jnp.inf)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, k: int, s: int, p: int) -> jax.Array:
     """k x k max-pool of stride s, padded by p with -inf: [B, H, W, C] -> [B, H', W', C].
 
-    PyTorch's `max_pool2d` as the elementwise maximum of the k * k window views, its gradient
-    going to the first maximum of each window in row-major order as PyTorch's does. With the
-    stem's ReLU, forward + backward is 7.6x faster on one core than `nn.max_pool`, whose
-    gradient XLA:CPU runs as a reduce-window over index arrays (BENCHMARKS.md, *2-D dots*).
+    Reference form: XLA's reduce-window max and autodiff. CPU form: the elementwise maximum of
+    the k * k window views, its gradient going to the first maximum of each window in row-major
+    order as PyTorch's does; XLA:CPU runs the reference form's gradient as a reduce-window over
+    index arrays (BENCHMARKS.md, *2-D dots*).
     """
+    return choose(
+        cpu=lambda x: _cpu_max_pool(x, k, s, p),
+        reference=lambda x: reference_max_pool(x, k, s, p),
+        name="max_pool",
+    )(x)
+
+
+def reference_max_pool(x: jax.Array, k: int, s: int, p: int) -> jax.Array:
+    pad = ((0, 0), (p, p), (p, p), (0, 0))
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, s, s, 1), pad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _cpu_max_pool(x: jax.Array, k: int, s: int, p: int) -> jax.Array:
     return functools.reduce(jnp.maximum, _pool_windows(x, k, s, p)[0])
 
 
 def _max_pool_fwd(x, k, s, p):
-    out = max_pool(x, k, s, p)
+    out = _cpu_max_pool(x, k, s, p)
     return out, (x, out)
 
 
@@ -227,7 +258,7 @@ def _max_pool_bwd(k, s, p, residuals, g):
     return (grad[:, p : p + h, p : p + w],)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_cpu_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 # ConvTranspose2d(k=4, s=2, p=1): output row 2y + a sums input rows y + d through kernel row
@@ -239,15 +270,17 @@ def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1), no bias: x [B, H, W, C] and
     kernel [4, 4, F, C] (kernel[ky, kx, f, c] = PyTorch's weight[c, f, ky, kx]) -> [B, 2H, 2W, F].
 
-    On CPU as four phase convs, one per output pixel parity (a, b): each is 2 x 2 taps of the
-    input, one patches [B * H * W, 4C] @ kernel [4C, F] dot, and the phases are interleaved.
-    XLA:CPU runs the stride-dilated conv of `nn.ConvTranspose` and its kernel gradient on a
-    slow generic path (with SparK's decoder at 64 px, half of its step). Elsewhere XLA's
-    transposed conv (the phases' patches are 16 times the input)."""
-    return jax.lax.platform_dependent(x, kernel, cpu=_phase_dots, default=_xla_conv_transpose)
+    Reference form: XLA's transposed conv and autodiff. CPU form: four phase convs, one per
+    output pixel parity (a, b): each is 2 x 2 taps of the input, one patches [B * H * W, 4C] @
+    kernel [4C, F] dot, and the phases are interleaved. XLA:CPU runs the stride-dilated conv and
+    its kernel gradient on a slow generic path (BENCHMARKS.md, *Convs on XLA:CPU*); the phases'
+    patches are 16 times the input, which accelerators need not pay."""
+    return choose(
+        cpu=_phase_dots, reference=reference_conv_transpose_4x4_s2, name="conv_transpose"
+    )(x, kernel)
 
 
-def _xla_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def reference_conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     # `transpose_kernel` flips the kernel in space and swaps its F and C axes (HWIO's I and O);
     # the stride-2 dilated input is padded by k - 1 - p = 2 per side.
     return jax.lax.conv_transpose(
@@ -274,6 +307,6 @@ def _phase_dots(x: jax.Array, kernel: jax.Array) -> jax.Array:
             ]
             views = [padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, _, dx, _ in taps]
             taps_kernel = jnp.concatenate([kernel[ky, kx].T for _, ky, _, kx in taps])  # [4C, F]
-            row.append(dense.matmul(jnp.concatenate(views, axis=-1), taps_kernel))
+            row.append(flat_matmul(jnp.concatenate(views, axis=-1), taps_kernel))
         rows.append(jnp.stack(row, axis=3))  # [B, H, W, 2 (column phase), F]
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, -1)  # [B, H, 2, W, 2, F] interleaved

@@ -1,4 +1,4 @@
-"""selfsup.gelu: exact GELU and its hand-written gradient against NumPy float64."""
+"""selfsup.ops.gelu: exact GELU and its gradient against NumPy float64, in both forms."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import numpy_gelu
 
-from selfsup.gelu import gelu
+from selfsup.ops import gelu
 
 
 def numpy_gelu_and_slope(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -19,7 +19,7 @@ def numpy_gelu_and_slope(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return numpy_gelu(x), cdf + x * pdf
 
 
-def test_gelu_and_its_gradient_match_numpy_float64():
+def test_gelu_and_its_gradient_match_numpy_float64(ops_form):
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(size=500) * 3.0, [-12.0, -6.0, -1e-3, 0.0, 1e-3, 6.0, 12.0]])
     w = rng.normal(size=x.shape)
@@ -32,7 +32,7 @@ def test_gelu_and_its_gradient_match_numpy_float64():
     assert float(jnp.max(jnp.abs(jax.nn.gelu(x32, approximate=True) - gelu(x32)))) > 1e-4
 
 
-def test_gelu_keeps_the_input_dtype_and_computes_in_float32():
+def test_gelu_keeps_the_input_dtype_and_computes_in_float32(ops_form):
     x = jnp.linspace(-4.0, 4.0, 33, dtype=jnp.bfloat16)
     y = gelu(x)
     grad = jax.grad(lambda x: jnp.sum(gelu(x)).astype(jnp.float32))(x)
