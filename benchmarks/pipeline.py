@@ -11,22 +11,30 @@ The consumption side is the MAE ViT-B/16 step's images/s from `throughput.py` (p
 `--consumes`), or measured here on the quickstart config if not given. A loop whose host
 delivers faster than the step consumes never waits for data (the prefetch queue stays full).
 
-    python benchmarks/pipeline.py [--quick] [--consumes IMG_PER_S]
+The process keeps freed host memory as `selfsup train` does on a CPU host
+(`selfsup/host_memory.py`), or not with `--host-memory default`; `--ab` runs both settings in
+alternating fresh processes and prints their delivered images/s side by side.
+
+    python benchmarks/pipeline.py [--quick] [--consumes IMG_PER_S] [--host-memory keep|default]
+    python benchmarks/pipeline.py --ab [--quick] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import common
-import jax
 import numpy as np
 from PIL import Image
 
-from selfsup import data, sharding
+from selfsup import data, host_memory, sharding
 
 CIFAR = common.REPO.parent / "shared" / "data" / "cifar10_subset.npz"
 
@@ -51,6 +59,8 @@ def jpeg_folder(root: Path, count: int) -> Path:
 
 def delivered(source, batch_size: int, batches: int) -> float:
     """Images/s of Loader batches placed on all devices (the first batch, warm-up, not timed)."""
+    import jax
+
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     place = sharding.batch_sharding(mesh)
     stream = data.Loader(source, batch_size, seed=0).iterate()
@@ -74,11 +84,48 @@ def consumed_quickstart() -> float:
     return config.batch_size / step.run(3)
 
 
+def host_memory_ab(quick: bool, rounds: int) -> list[dict]:
+    """Delivered images/s per source with freed host memory kept and with glibc's default, each
+    setting in its own fresh process (malloc's setting must precede the first thread), the two
+    alternating `rounds` times; medians and the keep/default ratio."""
+    rates: dict[str, dict[str, list[float]]] = {}
+    for _ in range(rounds):
+        for setting in ("default", "keep"):
+            cmd = [sys.executable, __file__, "--host-memory", setting, "--consumes", "1", "--json"]
+            out = subprocess.run(
+                cmd + ["--quick"] * quick, capture_output=True, text=True, check=True
+            ).stdout
+            for row in json.loads(out.strip().splitlines()[-1]):
+                rates.setdefault(row["source"], {}).setdefault(setting, []).append(row["img_s"])
+    rows = []
+    for source, by_setting in rates.items():
+        default, keep = (statistics.median(by_setting[k]) for k in ("default", "keep"))
+        rows.append(
+            {
+                "source": source,
+                "default img_s": default,
+                "keep img_s": keep,
+                "keep/default": keep / default,
+            }
+        )
+    print(common.table(rows, ("source", "default img_s", "keep img_s", "keep/default")))
+    print(f"load: {common.load_average()}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batches")
     parser.add_argument("--consumes", type=float, default=0.0, help="the step's images/s")
+    parser.add_argument("--host-memory", choices=("keep", "default"), default="keep")
+    parser.add_argument("--ab", action="store_true", help="both host-memory settings, side by side")
+    parser.add_argument("--rounds", type=int, default=2, help="--ab: alternations")
+    parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = parser.parse_args(argv)
+    if args.ab:
+        return host_memory_ab(args.quick, args.rounds)
+    if args.host_memory == "keep":  # before any thread allocates, as `selfsup train` does
+        host_memory.keep_freed_memory()
     batches = 4 if args.quick else 10
     batch = 64
     rows = []
@@ -99,6 +146,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row["step_img_s"] = consumes
         row["headroom"] = row["img_s"] / consumes
     print(common.table(rows, ("source", "storage_px", "img_s", "step_img_s", "headroom", "load")))
+    if args.json:
+        print(json.dumps(rows))
     return rows
 
 

@@ -138,13 +138,14 @@ class MAE(nn.Module):
 
 
 class SimCLR(nn.Module):
-    """SimCLR on torchvision's ResNet-50; forward(x1, x2 [B, 3, H, W]) -> scalar NT-Xent loss."""
+    """SimCLR on torchvision's ResNet-50 (or `arch`); forward(x1, x2 [B, 3, H, W]) -> scalar
+    NT-Xent loss."""
 
-    def __init__(self, temperature: float = 0.1, proj_dim: int = 128):
+    def __init__(self, temperature: float = 0.1, proj_dim: int = 128, arch: str = "resnet50"):
         super().__init__()
-        self.backbone = torchvision.models.resnet50()
+        self.backbone = torchvision.models.get_model(arch)
+        width = self.backbone.fc.in_features
         self.backbone.fc = nn.Identity()
-        width = 2048
         layers = []
         for i in range(3):
             last = i == 2

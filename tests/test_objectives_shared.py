@@ -131,7 +131,9 @@ def test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
 REFERENCE_FORM_PAIRS = (("mae", "vit"), ("simclr", "resnet"), ("supervised", "convnext"))
 
 
-@pytest.mark.parametrize("objective, family", REFERENCE_FORM_PAIRS, ids="-".join)
+@pytest.mark.parametrize(
+    "objective, family", REFERENCE_FORM_PAIRS, ids=[f"{o}-{f}" for o, f in REFERENCE_FORM_PAIRS]
+)
 def test_reference_form_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
     with ops.forms("reference"):
         test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family)
