@@ -64,11 +64,11 @@ def _cpu_conv(
     """`lax.conv_general_dilated` for NHWC / HWIO, computed as a dot where XLA:CPU's conv is slow:
 
     - a 1x1 conv as (strided) input @ kernel: its kernel gradient is then a dot over batch and
-      space, not a conv that XLA:CPU runs after transposing both operands (1.5-5.2x faster
-      forward + backward on ResNet-50's 1x1 shapes at 64 px; BENCHMARKS.md, ResNet convs);
+      space, not a conv that XLA:CPU runs after transposing both operands (BENCHMARKS.md,
+      *ResNet convs*);
     - a k x k conv whose input or output map is under 3 x 3 as patches @ kernel, the patches
       cut by k x k strided slices: XLA:CPU lowers those convs and their gradients to a slow
-      generic path (a 3x3 conv on a 2x2 map ~50x slower), which every ResNet at 32-64 px hits;
+      generic path, which every ResNet at 32-64 px hits (*ResNet convs*);
     - any other k x k conv with at least `DOT_KERNEL_GRAD_POSITIONS` output positions as XLA's
       conv, but its kernel gradient as patches^T @ output gradient (a ResNet's stem and first
       stage at 64 px, SparK's decoder; the patches, k * k times the input, up to
