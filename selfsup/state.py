@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from selfsup import sharding
+from selfsup import objectives, sharding
 
 
 @struct.dataclass
@@ -37,13 +37,12 @@ def init_fn(model, tx: optax.GradientTransformation, example_views: tuple, seed:
 
     def init() -> TrainState:
         rng = jax.random.key(seed)
-        rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(_init_streams(model))}
+        declared = objectives.contract(model)
+        streams = ("params", *declared.rng_streams)
+        rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(streams)}
         labels = {"labels": jnp.zeros(example_views[0].shape[:1], jnp.int32)}
         variables = model.init(
-            rngs,
-            example_views,
-            train=False,
-            **(labels if getattr(model, "needs_labels", False) else {}),
+            rngs, example_views, train=False, **(labels if declared.needs_labels else {})
         )
         params = variables.pop("params")
         return TrainState(
@@ -72,7 +71,3 @@ def create(model, tx, example_views: tuple, seed: int, mesh, rules) -> tuple[Tra
     _, shardings = abstract(model, tx, example_views, seed, mesh, rules)
     state = jax.jit(init_fn(model, tx, example_views, seed), out_shardings=shardings)()
     return state, shardings
-
-
-def _init_streams(model) -> tuple[str, ...]:
-    return ("params", *getattr(model, "rng_streams", ()), "dropout", "drop_path")

@@ -43,9 +43,6 @@ from selfsup.errors import UserError
 from selfsup.evaluators import periodic
 from selfsup.ops import global_norm
 
-# Named random streams, each derived from (seed, step): fold_in(fold_in(key(seed), step), id).
-STREAMS = ("augment", "mask", "dropout", "drop_path", "mixup")
-
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint of `step` was saved. Carries the signal number."""
@@ -62,10 +59,11 @@ class Diverged(UserError):
     """The loss or gradient norm became NaN/Inf."""
 
 
-def stream_keys(seed: int, step: jax.Array) -> dict[str, jax.Array]:
-    """One key per named stream for this step."""
+def stream_keys(seed: int, step: jax.Array, names: tuple[str, ...]) -> dict[str, jax.Array]:
+    """One key per named stream for this step: fold_in(fold_in(key(seed), step), crc32(name)),
+    so a stream's keys depend on its name alone, not on which other streams exist."""
     rng = jax.random.fold_in(jax.random.key(seed), step)
-    return {name: jax.random.fold_in(rng, zlib.crc32(name.encode())) for name in STREAMS}
+    return {name: jax.random.fold_in(rng, zlib.crc32(name.encode())) for name in names}
 
 
 def build_model(config: mlc.ConfigDict, num_classes: int | None = None):
@@ -81,11 +79,13 @@ def build_model(config: mlc.ConfigDict, num_classes: int | None = None):
 def make_grad_fn(model, views_fn, seed: int):
     """grad_fn(state, batch) -> (loss, metrics, grads, model_updates) for one global batch."""
 
+    declared = objectives.contract(model)
+
     def grad_fn(state: state_lib.TrainState, batch: dict):
-        keys = stream_keys(seed, state.step)
+        keys = stream_keys(seed, state.step, ("augment", *declared.rng_streams))
         views = views_fn(batch["image"], keys.pop("augment"))
-        labels = {"labels": batch["label"]} if getattr(model, "needs_labels", False) else {}
-        mutable = tuple(state.model_state)  # every non-parameter collection (e.g. batch_stats)
+        labels = {"labels": batch["label"]} if declared.needs_labels else {}
+        mutable = declared.mutable
 
         def loss_fn(params):
             variables = {"params": params, **state.model_state}
@@ -176,7 +176,7 @@ def build_program(config, mesh, num_classes: int | None, steps_per_epoch: int) -
     example_views = jax.eval_shape(
         views_fn, jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8), jax.random.key(0)
     )
-    num_views = getattr(model, "num_views", 1)
+    num_views = objectives.contract(model).num_views
     if len(example_views) != num_views:
         raise UserError(
             f"config.views has {len(example_views)} view specs, but objective "
@@ -382,7 +382,7 @@ class ReconstructionImages:
     """
 
     def __init__(self, config, model, views_fn, source, mesh):
-        self.enabled = hasattr(model, "reconstruct") and config.num_images > 0
+        self.enabled = objectives.contract(model).reconstructs and config.num_images > 0
         self.every = config.image_every_steps
         if not self.enabled:
             return

@@ -173,6 +173,8 @@ class Model(nn.Module):
     dtype: Any = jnp.float32
 
     mask_modes = ("sparse",)
+    mutable = ()  # Flax collections written in training
+    rng_streams = ("drop_path",)  # random streams drawn in training
 
     def __post_init__(self):
         self.arch()  # validates the variant and overrides when the module is built

@@ -238,6 +238,8 @@ class Model(_Layers):
     zero_init_last_bn: bool = False
 
     mask_modes = ("sparse",)
+    mutable = ("batch_stats",)  # Flax collections written in training
+    rng_streams = ()  # random streams drawn in training
 
     def __post_init__(self):
         parse_variant(self.variant)

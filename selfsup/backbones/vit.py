@@ -186,6 +186,8 @@ class Model(nn.Module):
     use_bias: bool = True
 
     mask_modes = ("drop", "replace", "causal_prefix")
+    mutable = ()  # Flax collections written in training
+    rng_streams = ("drop_path",)  # random streams drawn in training
 
     def __post_init__(self):
         self.dims()  # validates the variant and overrides when the module is built
