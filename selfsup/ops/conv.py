@@ -37,30 +37,37 @@ def conv_general_dilated(
     preferred_element_type=None,
 ):
     """`lax.conv_general_dilated`, the reference form; the CPU form is `_cpu_conv`."""
-    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
-    kwargs = dict(precision=precision, preferred_element_type=preferred_element_type)
+    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    plain = (
+        not isinstance(padding, str)
+        and not dilated
+        and feature_group_count == 1
+        and _is_nhwc_hwio(dimension_numbers)
+    )
 
     def reference(lhs, rhs):
-        return jax.lax.conv_general_dilated(lhs, rhs, *args, feature_group_count, **kwargs)
+        return jax.lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
 
     def cpu(lhs, rhs):
-        return _cpu_conv(lhs, rhs, *args, feature_group_count, **kwargs)
+        if not plain:
+            return reference(lhs, rhs)
+        return _cpu_conv(lhs, rhs, window_strides, padding, precision, preferred_element_type)
 
     return choose(cpu=cpu, reference=reference, name="conv")(lhs, rhs)
 
 
-def _cpu_conv(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    precision,
-    preferred_element_type,
-):
+def _cpu_conv(lhs, rhs, window_strides, padding, precision, preferred_element_type):
     """`lax.conv_general_dilated` for NHWC / HWIO, computed as a dot where XLA:CPU's conv is slow:
 
     - a 1x1 conv as (strided) input @ kernel: its kernel gradient is then a dot over batch and
@@ -77,49 +84,29 @@ def _cpu_conv(
       XLA's is as fast or faster.
 
     The same values either way (up to float32 summation order); other convs go to XLA as they
-    are.
+    are. lhs [B, H, W, cin], rhs [kh, kw, cin, cout], padding ((lo, hi), (lo, hi)).
     """
     kh, kw, cin, cout = rhs.shape
-    plain = (
-        not isinstance(padding, str)
-        and not any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        and feature_group_count == 1
-        and _is_nhwc_hwio(dimension_numbers)
-    )
-    if plain:
-        out = [
-            (n + lo + hi - k) // s + 1
-            for n, (lo, hi), k, s in zip(
-                lhs.shape[1:3], padding, (kh, kw), window_strides, strict=True
-            )
-        ]
-        if (kh, kw) == (1, 1) or min(*lhs.shape[1:3], *out) < 3:
-            # [B, out_h, out_w, cin] per kernel offset (i, j), in HWIO's order
-            cols, _ = _window_views(lhs, (kh, kw), window_strides, padding, 0.0)
-            patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-            return flat_matmul(  # as [B * out_h * out_w, k * k * cin] @ [k * k * cin, cout]
-                patches,
-                rhs.reshape(kh * kw * cin, cout),
-                precision=precision,
-                preferred_element_type=preferred_element_type,
-            )
-        positions = lhs.shape[0] * out[0] * out[1]
-        patches_bytes = positions * kh * kw * cin * lhs.dtype.itemsize
-        if positions >= DOT_KERNEL_GRAD_POSITIONS and patches_bytes <= PATCHES_MAX_BYTES:
-            args = (tuple(window_strides), tuple(map(tuple, padding)), precision)
-            return _dot_kernel_grad_conv(lhs, rhs, *args, preferred_element_type)
-    return jax.lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
+    out = [
+        (n + lo + hi - k) // s + 1
+        for n, (lo, hi), k, s in zip(lhs.shape[1:3], padding, (kh, kw), window_strides, strict=True)
+    ]
+    if (kh, kw) == (1, 1) or min(*lhs.shape[1:3], *out) < 3:
+        # [B, out_h, out_w, cin] per kernel offset (i, j), in HWIO's order
+        cols, _ = _window_views(lhs, (kh, kw), window_strides, padding, 0.0)
+        patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+        return flat_matmul(  # as [B * out_h * out_w, k * k * cin] @ [k * k * cin, cout]
+            patches,
+            rhs.reshape(kh * kw * cin, cout),
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+    strides, pads = tuple(window_strides), tuple(map(tuple, padding))
+    positions = lhs.shape[0] * out[0] * out[1]
+    patches_bytes = positions * kh * kw * cin * lhs.dtype.itemsize
+    if positions >= DOT_KERNEL_GRAD_POSITIONS and patches_bytes <= PATCHES_MAX_BYTES:
+        return _dot_kernel_grad_conv(lhs, rhs, strides, pads, precision, preferred_element_type)
+    return _xla_conv(lhs, rhs, strides, pads, precision, preferred_element_type)
 
 
 def _xla_conv(lhs, rhs, strides, padding, precision, preferred_element_type):
