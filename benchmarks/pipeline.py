@@ -12,10 +12,11 @@ The consumption side is the MAE ViT-B/16 step's images/s from `throughput.py` (p
 delivers faster than the step consumes never waits for data (the prefetch queue stays full).
 
 The process keeps freed host memory as `selfsup train` does on a CPU host
-(`selfsup/host_memory.py`), or not with `--host-memory default`; `--ab` runs both settings in
-alternating fresh processes and prints their delivered images/s side by side.
+(`selfsup/host_memory.py`, applied by `common`), or not with SELFSUP_HOST_MEMORY=default; `--ab`
+runs both settings in alternating fresh processes and prints their delivered images/s side by
+side.
 
-    python benchmarks/pipeline.py [--quick] [--consumes IMG_PER_S] [--host-memory keep|default]
+    python benchmarks/pipeline.py [--quick] [--consumes IMG_PER_S]
     python benchmarks/pipeline.py --ab [--quick] [--rounds 2]
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +36,7 @@ import common
 import numpy as np
 from PIL import Image
 
-from selfsup import data, host_memory, sharding
+from selfsup import data, sharding
 
 CIFAR = common.REPO.parent / "shared" / "data" / "cifar10_subset.npz"
 
@@ -91,10 +93,9 @@ def host_memory_ab(quick: bool, rounds: int) -> list[dict]:
     rates: dict[str, dict[str, list[float]]] = {}
     for _ in range(rounds):
         for setting in ("default", "keep"):
-            cmd = [sys.executable, __file__, "--host-memory", setting, "--consumes", "1", "--json"]
-            out = subprocess.run(
-                cmd + ["--quick"] * quick, capture_output=True, text=True, check=True
-            ).stdout
+            cmd = [sys.executable, __file__, "--consumes", "1", "--json", *["--quick"] * quick]
+            env = {**os.environ, "SELFSUP_HOST_MEMORY": "default" if setting == "default" else ""}
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             for row in json.loads(out.strip().splitlines()[-1]):
                 rates.setdefault(row["source"], {}).setdefault(setting, []).append(row["img_s"])
     rows = []
@@ -117,15 +118,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batches")
     parser.add_argument("--consumes", type=float, default=0.0, help="the step's images/s")
-    parser.add_argument("--host-memory", choices=("keep", "default"), default="keep")
     parser.add_argument("--ab", action="store_true", help="both host-memory settings, side by side")
     parser.add_argument("--rounds", type=int, default=2, help="--ab: alternations")
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = parser.parse_args(argv)
     if args.ab:
         return host_memory_ab(args.quick, args.rounds)
-    if args.host_memory == "keep":  # before any thread allocates, as `selfsup train` does
-        host_memory.keep_freed_memory()
     batches = 4 if args.quick else 10
     batch = 64
     rows = []
