@@ -4,6 +4,9 @@ Each command is a module in `selfsup/commands/` with `HELP`, `add_arguments(pars
 `run(args, overrides) -> exit code`, so adding a command is adding one file.
 
     selfsup train --config configs/quickstart.py[:arg,...] --workdir DIR [--config.key=value ...]
+    selfsup train --config configs/quickstart.py:smoke --print-config   # the resolved config
+    selfsup configs                                    # every config file and its variants
+    selfsup data convert IMAGES_OR_NPZ --name NAME --data-dir DIR   # a TFDS dataset, no TF
 
 Every command first joins its multi-process run, if any (`--coordinator`, `--num-processes`,
 `--process-id`, `--distributed`; see selfsup/distributed.py).
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 
@@ -90,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: stop without saving
         print("selfsup: aborted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `selfsup configs | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
 
 
 if __name__ == "__main__":

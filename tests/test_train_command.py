@@ -3,12 +3,15 @@ workdir left behind by a configuration or data error."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import REPO
 from PIL import Image
 
 from selfsup import cli
+from selfsup import config as config_lib
 
 SMOKE = str(REPO / "configs" / "quickstart.py:smoke")
 
@@ -59,3 +62,27 @@ def test_data_summary_resume_and_finished_run_messages(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"selfsup: the run in {workdir} is finished: its checkpoint is at step 3 of 3" in err
     assert "100%" not in err and "resuming" not in err  # no progress bar, nothing trained
+
+
+def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--config", SMOKE, "--print-config", "--config.batch_size=8"]
+    assert cli.main([*argv, "--config.data.source=npz", "--config.data.path=x.npz"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = config_lib.resolve(
+        config_lib.load(SMOKE), {"batch_size": "8", "data.source": "npz", "data.path": "x.npz"}
+    )
+    assert printed == json.loads(config_lib.to_json(expected))
+    assert printed["batch_size"] == 8 and printed["data"] == {
+        "source": "npz",
+        "path": "x.npz",
+        "image_size": 32,
+    }
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+
+
+def test_train_without_workdir_is_a_one_line_error(capsys):
+    assert cli.main(["train", "--config", SMOKE]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "selfsup: error: --workdir is required: the folder (or gs:// URL) the run writes to"
+    )
