@@ -130,6 +130,8 @@ def test_slurm_script_one_process_per_gpu():
         "--gpus-per-node=8",
         "--partition=gpu",
         "--time=04:00:00",
+        "--cpus-per-task=8",  # the decode threads need cores
+        "--mem=0",  # all of each node's memory
         "--chdir=/home/me/selfsup",
         "--output=%x-%j.out",
         "--open-mode=append",
@@ -140,7 +142,9 @@ def test_slurm_script_one_process_per_gpu():
     assert "source ~/venv/bin/activate" in lines
     assert "JAX_LOCAL_DEVICE_IDS" not in proc.stdout  # JAX gives task i GPU i by itself
     (srun,) = [line for line in lines if line.startswith("srun ")]
-    assert shlex.split(srun)[shlex.split(srun).index("selfsup") :] == [
+    words = shlex.split(srun)
+    assert words[:4] == ["srun", "--label", "--kill-on-bad-exit=1", "--cpus-per-task=8"]
+    assert words[words.index("selfsup") :] == [
         "selfsup",
         "train",
         "--config",
@@ -157,7 +161,11 @@ def test_slurm_script_one_process_per_node_sees_all_gpus():
     proc = _launch("slurm.py", *SLURM_ARGS, "--per=node", "--gpus-per-node=4")
     assert proc.returncode == 0, proc.stderr
     assert "--ntasks-per-node=1" in _sbatch_lines(proc.stdout)
+    assert "--cpus-per-task=32" in _sbatch_lines(proc.stdout)  # 8 per GPU of the one task
     assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in proc.stdout.splitlines()
+    proc = _launch("slurm.py", *SLURM_ARGS, "--cpus-per-task=12", "--mem=200G")
+    assert {"--cpus-per-task=12", "--mem=200G"} <= set(_sbatch_lines(proc.stdout))
+    assert "srun --label --kill-on-bad-exit=1 --cpus-per-task=12 " in proc.stdout
 
 
 def test_slurm_missing_setting_is_an_error():
@@ -166,23 +174,25 @@ def test_slurm_missing_setting_is_an_error():
     assert proc.returncode == 2 and "--nodes" in proc.stderr
 
 
-def _run_sbatch_script(tmp_path: Path, srun_body: str, send_usr1: bool):
-    """Runs the generated script with bash, stand-ins for srun/scancel/scontrol on PATH."""
+def _run_sbatch_script(tmp_path: Path, training: str, send_usr1: bool):
+    """Runs the generated script with bash: a stand-in srun runs the task command it is given
+    (the wrapper around `selfsup train`) with a stand-in `selfsup` whose body is `training`;
+    scancel signals both processes, as SLURM signals every process of the step."""
     script = tmp_path / "job.sbatch"
     proc = _launch("slurm.py", *SLURM_ARGS, "--setup=true", "-o", str(script))
     assert proc.returncode == 0, proc.stderr
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
-    _stand_in(
-        bin_dir, "srun", f'echo "srun $*" >> {log}\necho $$ > {tmp_path}/srun.pid\n' + srun_body
-    )
-    _stand_in(
-        bin_dir, "scancel", f'echo "scancel $*" >> {log}\nkill -TERM $(cat {tmp_path}/srun.pid)'
-    )
+    srun = f'echo "srun $*" >> {log}\nwhile [[ "$1" == --* ]]; do shift; done\n'
+    srun += f'"$@" &\necho $! > {tmp_path}/task.pid\nwait $!\n'
+    _stand_in(bin_dir, "srun", srun)
+    _stand_in(bin_dir, "selfsup", f"echo $$ > {tmp_path}/selfsup.pid\n" + training)
+    kill = f"kill -TERM $(cat {tmp_path}/task.pid) $(cat {tmp_path}/selfsup.pid)"
+    _stand_in(bin_dir, "scancel", f'echo "scancel $*" >> {log}\n{kill}')
     _stand_in(bin_dir, "scontrol", f'echo "scontrol $*" >> {log}')
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
     shell = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path)
-    _wait_for(tmp_path / "srun.pid")
+    _wait_for(tmp_path / "selfsup.pid")
     if send_usr1:
         time.sleep(0.2)  # let the shell reach `wait`
         shell.send_signal(signal.SIGUSR1)
@@ -190,17 +200,24 @@ def _run_sbatch_script(tmp_path: Path, srun_body: str, send_usr1: bool):
     return shell.returncode, log.read_text().splitlines()
 
 
-# The stand-in "training": runs until SIGTERM, then exits 143 as selfsup does after saving.
-TRAINING = "trap 'echo \"task saved\" >> {log}; exit 143' TERM\nwhile true; do sleep 0.05; done\n"
+# The stand-in "training": runs until SIGTERM, then takes a moment to save and exits 143, as
+# selfsup does. The task's wrapper must wait for it (not die of the same SIGTERM, which with
+# --kill-on-bad-exit=1 would kill the others mid-save) and report the saved stop as success.
+TRAINING = (
+    "trap 'sleep 0.3; echo \"task saved\" >> {log}; exit 143' TERM\n"
+    "while true; do sleep 0.05; done\n"
+)
 
 
 def test_slurm_usr1_checkpoints_then_requeues(tmp_path):
     code, calls = _run_sbatch_script(
         tmp_path, TRAINING.format(log=tmp_path / "calls.log"), send_usr1=True
     )
-    assert calls[0].startswith("srun --label --kill-on-bad-exit=0 selfsup train --config")
+    assert calls[0].startswith("srun --label --kill-on-bad-exit=1 --cpus-per-task=8 bash -c ")
+    train = "selfsup train --config configs/mae_vit_in1k.py:variant=B/16 --workdir /shared/runs/b16"
+    assert calls[0].endswith(f" selfsup-task {train} --config.batch_size=4096")
     assert calls[1:] == ["scancel --signal=TERM 4242", "task saved", "scontrol requeue 4242"]
-    assert code == 143
+    assert code == 0
 
 
 def test_slurm_finished_run_is_not_requeued(tmp_path):
