@@ -9,7 +9,8 @@ Each command is a module in `selfsup/commands/` with `HELP`, `add_arguments(pars
     selfsup data convert IMAGES_OR_NPZ --name NAME --data-dir DIR   # a TFDS dataset, no TF
 
 Every command first joins its multi-process run, if any (`--coordinator`, `--num-processes`,
-`--process-id`, `--distributed`; see selfsup/distributed.py).
+`--process-id`, `--distributed`; see selfsup/distributed.py), except those whose module sets
+`LOCAL = True` (`configs`, `data`): they run in one process, without JAX, even on a pod host.
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     flags = _distributed_flags()
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"selfsup.commands.{info.name}")
+        local = getattr(module, "LOCAL", False)
         sub = subparsers.add_parser(
-            info.name, help=module.HELP, description=module.HELP, parents=[flags]
+            info.name, help=module.HELP, description=module.HELP, parents=[] if local else [flags]
         )
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, local=local)
     return parser
 
 
@@ -84,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
-        distributed.initialize(
-            args.coordinator, args.num_processes, args.process_id, mode=args.distributed
-        )
+        if not args.local:
+            distributed.initialize(
+                args.coordinator, args.num_processes, args.process_id, mode=args.distributed
+            )
         return args.run(args, overrides)
     except UserError as e:
         print(f"selfsup: error: {e}", file=sys.stderr)

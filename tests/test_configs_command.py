@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 
 from conftest import REPO
 
@@ -54,3 +57,14 @@ def test_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     expected = f"--dir {tmp_path / 'nope'}: no such folder; pass the configs folder"
     assert err == f"selfsup: error: {expected}"
+
+
+def test_listing_configs_needs_no_jax():
+    # On a pod host, `selfsup configs` must not try to join the pod's multi-process run.
+    code = "import sys; from selfsup import cli; cli.main(['configs']); print('jax' in sys.modules)"
+    env = {**os.environ, "SLURM_NTASKS": "4", "SLURM_PROCID": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "False"

@@ -15,6 +15,7 @@ from pathlib import Path
 from selfsup.errors import UserError
 
 HELP = "list the config files: what each one trains and the variants it takes"
+LOCAL = True  # one process, no multi-process run to join
 
 _USE = {"": "selfsup train --config FILE[:ARG,...]", "eval": "selfsup eval --config FILE[:ARG]"}
 

@@ -13,6 +13,7 @@ import sys
 from selfsup.errors import UserError
 
 HELP = "convert an image folder, an .npz or a TFRecord TFDS dataset to TFDS ArrayRecord (no TF)"
+LOCAL = True  # one process, no multi-process run to join
 
 
 def add_arguments(parser) -> None:
