@@ -204,6 +204,19 @@ def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, flo
     optim_config.warmup_steps = warmup_steps
     tx, schedule = optim.build(optim_config, batch_size=config.batch_size, total_steps=total_steps)
 
+    ckpt = checkpoint.Manager(workdir, keep=config.keep_checkpoints)
+    # Known before anything compiles: a finished run says so at once.
+    latest = ckpt.latest_step()
+    if latest is not None and latest >= total_steps:
+        ckpt.close()
+        if is_main:
+            print(
+                f"selfsup: the run in {workdir} is finished: its checkpoint is at step {latest} "
+                f"of {total_steps}; nothing to train (use a new --workdir to train again)",
+                file=sys.stderr,
+            )
+        return {"finished_step": latest}
+
     model = build_model(config, source.num_classes)
     views_fn = augment.build(config.views)
     size = config.data.image_size
@@ -225,17 +238,6 @@ def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, flo
     if is_main:
         print(f"selfsup: params+optimizer: {memory_mib:.1f} MiB per device", file=sys.stderr)
 
-    ckpt = checkpoint.Manager(workdir, keep=config.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None and latest >= total_steps:
-        ckpt.close()
-        if is_main:
-            print(
-                f"selfsup: the run in {workdir} is finished: its checkpoint is at step {latest} "
-                f"of {total_steps}; nothing to train (use a new --workdir to train again)",
-                file=sys.stderr,
-            )
-        return {"finished_step": latest}
     if latest is not None:
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.to_dict()
