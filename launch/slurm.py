@@ -11,12 +11,18 @@ index, so every task must see all the node's GPUs, which `--gpus-per-node` does)
 (`--per node`: JAX_LOCAL_DEVICE_IDS lists all the node's GPUs). `selfsup` reads the coordinator,
 the process count and its id from SLURM_* inside the `srun` step (selfsup/distributed.py).
 
-Preemption and time limits: `--requeue` and `--signal=B:USR1@<seconds>`. On USR1 the batch shell
-sends SIGTERM to the training tasks (`scancel --signal=TERM`, which spares the shell itself);
-every process stops at the same step, saves a checkpoint and exits with 143; the shell then
-requeues the job, which resumes from that checkpoint with the same command. A SIGTERM to the
-shell (scheduler preemption) is forwarded the same way and waited for. `--output` is appended
-to across requeues.
+Resources: `--cpus-per-task` (default 8 per GPU the task drives: the host decodes images on 8
+threads) and `--mem` (default 0: all of each node's memory). `srun` repeats `--cpus-per-task`
+(since SLURM 22.05 it no longer inherits it from sbatch).
+
+Failures and preemption: `srun --kill-on-bad-exit=1`, so one failed task ends the job instead of
+leaving the others waiting in a collective until the time limit. `--requeue` and
+`--signal=B:USR1@<seconds>`: on USR1 the batch shell sends SIGTERM to the training tasks
+(`scancel --signal=TERM`, which spares the shell itself); every process stops at the same step,
+saves a checkpoint and exits with 143, which each task's wrapper turns into 0 (a stop that saved
+is not a failure, so no task kills the others mid-save); the shell then requeues the job, which
+resumes from that checkpoint with the same command. A SIGTERM to the shell (scheduler
+preemption) is forwarded the same way and waited for. `--output` is appended to across requeues.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import sys
 from collections.abc import Sequence
 
 INTERRUPTED = 128 + 15  # selfsup's exit code after SIGTERM, once its checkpoint is saved
+CPUS_PER_GPU = 8  # the data loader's decode threads per process (selfsup/data.py)
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -61,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--time", help="time limit, e.g. 24:00:00")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--mem", help="memory per node, e.g. 480G")
+    p.add_argument("--cpus-per-task", type=int, help="default: 8 per GPU of the task")
+    p.add_argument("--mem", default="0", help="memory per node, e.g. 480G (default 0: all)")
     p.add_argument("--signal-seconds", type=int, default=120, help="USR1 this long before the end")
     p.add_argument("--chdir", default=os.getcwd(), help="where configs/ is (default: here)")
     p.add_argument("--output", default="%x-%j.out", help="the job's log (relative to --chdir)")
@@ -80,6 +87,10 @@ def script(args: argparse.Namespace, overrides: Sequence[str]) -> str:
         raise SystemExit("slurm.py: error: --nodes and --gpus-per-node must be >= 1")
     tasks = args.gpus_per_node if args.per == "gpu" else 1
     layout = "one process per GPU" if args.per == "gpu" else "one process per node"
+    if args.cpus_per_task is None:
+        args.cpus_per_task = CPUS_PER_GPU * args.gpus_per_node // tasks
+    if args.cpus_per_task < 1:
+        raise SystemExit("slurm.py: error: --cpus-per-task must be >= 1")
     options = [
         f"--job-name={args.job_name}",
         f"--nodes={args.nodes}",
@@ -99,6 +110,11 @@ def script(args: argparse.Namespace, overrides: Sequence[str]) -> str:
         *(o if o.startswith("-") else f"--{o}" for o in args.sbatch),
     ]
     train = ["selfsup", "train", "--config", args.config, "--workdir", args.workdir, *overrides]
+    # Each task: SIGTERM waits for selfsup (the trap defers it), and a saved stop exits 0.
+    task = (
+        f'trap : TERM; "$@"; status=$?; if [ "$status" -eq {INTERRUPTED} ]; then exit 0; fi; '
+        'exit "$status"'
+    )
     lines = [
         "#!/bin/bash",
         f"# selfsup train on {args.nodes} node(s) x {args.gpus_per_node} GPU(s), {layout}.",
@@ -115,7 +131,7 @@ def script(args: argparse.Namespace, overrides: Sequence[str]) -> str:
         ]
     lines += [
         "",
-        "stop_tasks() {  # SIGTERM to the training tasks: they agree on a step, save, exit 143",
+        "stop_tasks() {  # SIGTERM to the tasks: they agree on a step, save, and srun returns 0",
         '  scancel --signal=TERM "$SLURM_JOB_ID"',
         '  wait "$train_pid"',
         "}",
@@ -123,14 +139,15 @@ def script(args: argparse.Namespace, overrides: Sequence[str]) -> str:
         '  echo "selfsup: USR1 (time limit or preemption ahead): checkpoint, then requeue"',
         "  stop_tasks",
         "  status=$?",
-        f'  if [ "$status" -eq {INTERRUPTED} ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
+        # 0: saved (a run that had just finished resumes as finished and ends at once).
+        '  if [ "$status" -eq 0 ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
         '  exit "$status"',
         "}",
         "trap requeue USR1",
         "trap 'stop_tasks; exit \"$?\"' TERM",
         "",
-        # Not --kill-on-bad-exit: the first task to exit 143 must not kill the others mid-save.
-        f"srun --label --kill-on-bad-exit=0 {shlex.join(train)} &",
+        f"srun --label --kill-on-bad-exit=1 --cpus-per-task={args.cpus_per_task} "
+        f"bash -c {shlex.quote(task)} selfsup-task {shlex.join(train)} &",
         "train_pid=$!",
         'wait "$train_pid"  # returns early when a trapped signal arrives; the trap then runs',
         "",

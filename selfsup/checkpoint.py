@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from selfsup import paths
 from selfsup.errors import UserError
 
 PyTree = Any
@@ -30,7 +31,7 @@ SCHEMA_VERSION = 1
 
 
 def _directory(workdir: str | os.PathLike) -> Path:
-    return Path(workdir).absolute() / "checkpoints"
+    return paths.path(workdir) / "checkpoints"  # gs:// URLs stay URLs
 
 
 def _registry(state_args: tuple[type, ...]) -> ocp.handlers.DefaultCheckpointHandlerRegistry:

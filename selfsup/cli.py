@@ -4,9 +4,13 @@ Each command is a module in `selfsup/commands/` with `HELP`, `add_arguments(pars
 `run(args, overrides) -> exit code`, so adding a command is adding one file.
 
     selfsup train --config configs/quickstart.py[:arg,...] --workdir DIR [--config.key=value ...]
+    selfsup train --config configs/quickstart.py:smoke --print-config   # the resolved config
+    selfsup configs                                    # every config file and its variants
+    selfsup data convert IMAGES_OR_NPZ --name NAME --data-dir DIR   # a TFDS dataset, no TF
 
 Every command first joins its multi-process run, if any (`--coordinator`, `--num-processes`,
-`--process-id`, `--distributed`; see selfsup/distributed.py).
+`--process-id`, `--distributed`; see selfsup/distributed.py), except those whose module sets
+`LOCAL = True` (`configs`, `data`): they run in one process, without JAX, even on a pod host.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 
@@ -46,11 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     flags = _distributed_flags()
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"selfsup.commands.{info.name}")
+        local = getattr(module, "LOCAL", False)
         sub = subparsers.add_parser(
-            info.name, help=module.HELP, description=module.HELP, parents=[flags]
+            info.name, help=module.HELP, description=module.HELP, parents=[] if local else [flags]
         )
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, local=local)
     return parser
 
 
@@ -82,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         if getattr(args, "tune_process", None):  # before JAX starts its backends
             args.tune_process(args)
-        distributed.initialize(
-            args.coordinator, args.num_processes, args.process_id, mode=args.distributed
-        )
+        if not args.local:
+            distributed.initialize(
+                args.coordinator, args.num_processes, args.process_id, mode=args.distributed
+            )
         return args.run(args, overrides)
     except UserError as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
@@ -92,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: stop without saving
         print("selfsup: aborted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `selfsup configs | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
 
 
 if __name__ == "__main__":

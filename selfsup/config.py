@@ -20,6 +20,10 @@ from selfsup.errors import UserError
 
 # Keys whose sub-keys belong to a module's constructor (validated there, not here).
 FREE_FORM = ("objective", "backbone")
+# The `data` keys each source reads; `resolve` drops the others (a folder run's config.json has
+# no leftover `name: shapes`).
+SOURCE_KEYS = {"builtin": ("name",), "tfds": ("name", "data_dir"), "npz": ("path",)}
+SOURCE_KEYS["folder"] = SOURCE_KEYS["npz"]
 
 
 def defaults() -> mlc.ConfigDict:
@@ -166,6 +170,8 @@ def resolve(config: mlc.ConfigDict, overrides: dict[str, str] | None = None) -> 
             "config.evaluators.run: give a tuple of evaluator configs (dicts such as "
             f"dict(name='knn', train_limit=2000)), got {run!r}"
         )
+    for key in {"name", "data_dir", "path"} - set(SOURCE_KEYS.get(out.data.source, ("name",))):
+        del out.data[key]
     # Plain dicts: the config is saved as JSON in every checkpoint.
     out.evaluators.run = tuple(
         c.to_dict() if isinstance(c, mlc.ConfigDict) else dict(c) for c in run

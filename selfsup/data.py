@@ -196,23 +196,33 @@ class _TfdsSource:
     def __init__(self, name: str, data_dir: str | None, split: str, size: int):
         import tensorflow_datasets as tfds  # slow import: only when used
 
-        where = data_dir or "~/tensorflow_datasets (the TFDS default)"
+        # Without data_dir, TFDS looks in $TFDS_DATA_DIR or ~/tensorflow_datasets.
+        where = data_dir or tfds.core.constants.DATA_DIR
         how = (
-            f"prepare it on a machine with internet (`tfds build {name} --data_dir {where} "
-            f"--file_format array_record`) and copy the folder here"
+            f"set config.data.data_dir to the folder that holds {name}/, or make the dataset: "
+            f"`selfsup data convert IMAGES_OR_NPZ --name {name} --data-dir {where}` for your own "
+            f"images, `tfds build {name} --data_dir {where} --file_format array_record` for a "
+            "TFDS catalogue dataset (needs TensorFlow)"
         )
         try:
             builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
         except tfds.core.registered.DatasetNotFoundError:
             raise UserError(f"TFDS dataset {name!r} not found in {where}; {how}") from None
+        except ValueError as err:  # "File format array_record does not match ...": TFRecord
+            if "file format" not in str(err).lower():
+                raise
+            folder = tfds.builder(name, data_dir=data_dir).data_dir
+            raise UserError(
+                f"TFDS dataset {name!r} in {folder} is TFRecord, which has no random access; "
+                f"add ArrayRecord shards with `selfsup data convert {folder} --data-dir {where}` "
+                "(no TensorFlow needed)"
+            ) from None
         if not builder.is_prepared():
             raise UserError(f"TFDS dataset {name!r} is not prepared in {where}; {how}")
         try:
             self._records = builder.as_data_source(split=split)
         except ValueError as err:  # unknown split
             raise UserError(f"TFDS dataset {name!r} in {where}: {err}") from None
-        except NotImplementedError:  # prepared as tfrecord: no random access
-            raise UserError(f"TFDS dataset {name!r} in {where} is not ArrayRecord; {how}") from None
         features = builder.info.features
         if "image" not in features or "label" not in features:
             raise UserError(f"TFDS dataset {name!r} needs 'image' and 'label' features: {features}")

@@ -25,7 +25,6 @@ of 3 blocks.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from selfsup import checkpoint
+from selfsup import checkpoint, paths
 from selfsup.errors import UserError
 from selfsup.evaluators import backbone_variables
 
@@ -107,7 +106,7 @@ def load_backbone(state, workdir: str, step: int | None = None, *, verbose: bool
     `step` (latest when None) of `workdir`, placed on the state's shardings; everything else
     (head, optimiser state, step) unchanged. UserError when a backbone leaf is missing or has
     another shape, or the checkpoint holds backbone leaves this backbone lacks."""
-    if not os.path.isdir(workdir):
+    if not paths.path(workdir).is_dir():
         raise UserError(
             f"config.init_from: {workdir!r} is not a directory; give the workdir of a "
             "pretraining run (or '' to start from random initialisation)"

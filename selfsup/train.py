@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import threading
@@ -35,6 +34,7 @@ from selfsup import (
     logs,
     objectives,
     optim,
+    paths,
     sharding,
 )
 from selfsup import config as config_lib
@@ -203,8 +203,18 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
     """Train (or resume) the run in `workdir`; returns the last logged metrics and the number
     of times the train step compiled (1 unless something retraced)."""
     config = config if config.is_locked else config_lib.resolve(config)
-    os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
+    # A run that stops before writing anything (a config or data error) leaves no empty workdir.
+    created = not paths.path(workdir).exists()
+    try:
+        return _train(config, workdir, is_main)
+    except BaseException:
+        if created and is_main:
+            paths.remove_if_empty(workdir)
+        raise
+
+
+def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh)
     if config.batch_size % mesh.size or config.batch_size % jax.process_count():
         raise UserError(
@@ -213,6 +223,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
     evals = periodic.DuringTraining(config, mesh)  # checks its configs before anything compiles
 
     source = data.build_source(config.data, "train")
+    if is_main:
+        print(
+            f"selfsup: data: {_data_name(config.data)}: {len(source)} training images, "
+            f"{source.num_classes} classes",
+            file=sys.stderr,
+        )
     loader = data.Loader(
         source,
         config.batch_size,
@@ -220,8 +236,22 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    total_steps, _ = resolve_durations(config, loader.steps_per_epoch)
+    ckpt = checkpoint.Manager(workdir, keep=config.keep_checkpoints)
+    # Known before anything compiles: a finished run says so at once.
+    latest = ckpt.latest_step()
+    if latest is not None and latest >= total_steps:
+        ckpt.close()
+        if is_main:
+            print(
+                f"selfsup: the run in {workdir} is finished: its checkpoint is at step {latest} "
+                f"of {total_steps}; nothing to train (use a new --workdir to train again)",
+                file=sys.stderr,
+            )
+        return {"finished_step": latest}
+
     program = build_program(config, mesh, source.num_classes, loader.steps_per_epoch)
-    model, views_fn, total_steps = program.model, program.views_fn, program.total_steps
+    model, views_fn = program.model, program.views_fn
     init = state_lib.init_fn(model, program.tx, program.example_views, config.seed)
     state = jax.jit(init, out_shardings=program.state_shardings)()
     # Read from the arrays' shardings: shrinks with the fsdp axis.
@@ -229,8 +259,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
     if is_main:
         print(f"selfsup: params+optimizer: {memory_mib:.1f} MiB per device", file=sys.stderr)
 
-    ckpt = checkpoint.Manager(workdir, keep=config.keep_checkpoints)
-    if ckpt.latest_step() is not None:
+    if latest is not None:
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.to_dict()
         )
@@ -240,8 +269,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
         state = finetune.load_backbone(state, config.init_from, config.init_from_step or None)
     start = int(state.step)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
+        if latest is not None:
+            print(f"selfsup: resuming from step {start} of {total_steps}", file=sys.stderr)
+        paths.write_text(paths.path(workdir) / "config.json", config_lib.to_json(config))
 
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = program.train_step
@@ -316,6 +346,15 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
             writer.close()
     # More than one compilation means something retraced the step (a shape or dtype changed).
     return {**last, "train_step_compilations": train_step._cache_size()}
+
+
+def _data_name(data_config) -> str:
+    """The dataset as the user named it, e.g. "folder /data/pets" or "tfds imagenet2012"."""
+    kind = data_config.source
+    where = data_config.get("path") if kind in ("folder", "npz") else data_config.get("name")
+    if kind == "tfds" and data_config.get("data_dir"):
+        where = f"{where} in {data_config.data_dir}"
+    return f"{kind} {where}"
 
 
 def _last_good(ckpt, workdir: str) -> str:

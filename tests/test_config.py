@@ -33,6 +33,7 @@ def test_resolve_fills_defaults_and_applies_typed_overrides():
             "optim.b2": "0.99",
             "views": "('resize(32)',)",
             "objective.mask_ratio": "0.5",
+            "data.source": "npz",
             "data.path": "/x/y.npz",
         },
     )
@@ -43,6 +44,17 @@ def test_resolve_fills_defaults_and_applies_typed_overrides():
     assert out.objective.mask_ratio == 0.5
     assert out.data.path == "/x/y.npz"
     assert out.is_locked
+
+
+@pytest.mark.parametrize(
+    "source, kept",
+    [("folder", "path"), ("npz", "path"), ("tfds", "data_dir name"), ("builtin", "name")],
+)
+def test_resolve_drops_the_data_keys_the_source_does_not_read(source, kept):
+    # The quickstart sets name="shapes"; a folder run's config.json must not carry it.
+    loaded = config_lib.load(str(REPO / "configs" / "quickstart.py"))
+    out = config_lib.resolve(loaded, {"data.source": source, "data.path": "/d"})
+    assert sorted(out.data.keys()) == sorted(["source", "image_size", *kept.split()])
 
 
 @pytest.mark.parametrize(

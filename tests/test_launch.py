@@ -130,6 +130,8 @@ def test_slurm_script_one_process_per_gpu():
         "--gpus-per-node=8",
         "--partition=gpu",
         "--time=04:00:00",
+        "--cpus-per-task=8",  # the decode threads need cores
+        "--mem=0",  # all of each node's memory
         "--chdir=/home/me/selfsup",
         "--output=%x-%j.out",
         "--open-mode=append",
@@ -140,7 +142,9 @@ def test_slurm_script_one_process_per_gpu():
     assert "source ~/venv/bin/activate" in lines
     assert "JAX_LOCAL_DEVICE_IDS" not in proc.stdout  # JAX gives task i GPU i by itself
     (srun,) = [line for line in lines if line.startswith("srun ")]
-    assert shlex.split(srun)[shlex.split(srun).index("selfsup") :] == [
+    words = shlex.split(srun)
+    assert words[:4] == ["srun", "--label", "--kill-on-bad-exit=1", "--cpus-per-task=8"]
+    assert words[words.index("selfsup") :] == [
         "selfsup",
         "train",
         "--config",
@@ -157,7 +161,11 @@ def test_slurm_script_one_process_per_node_sees_all_gpus():
     proc = _launch("slurm.py", *SLURM_ARGS, "--per=node", "--gpus-per-node=4")
     assert proc.returncode == 0, proc.stderr
     assert "--ntasks-per-node=1" in _sbatch_lines(proc.stdout)
+    assert "--cpus-per-task=32" in _sbatch_lines(proc.stdout)  # 8 per GPU of the one task
     assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in proc.stdout.splitlines()
+    proc = _launch("slurm.py", *SLURM_ARGS, "--cpus-per-task=12", "--mem=200G")
+    assert {"--cpus-per-task=12", "--mem=200G"} <= set(_sbatch_lines(proc.stdout))
+    assert "srun --label --kill-on-bad-exit=1 --cpus-per-task=12 " in proc.stdout
 
 
 def test_slurm_missing_setting_is_an_error():
@@ -166,23 +174,25 @@ def test_slurm_missing_setting_is_an_error():
     assert proc.returncode == 2 and "--nodes" in proc.stderr
 
 
-def _run_sbatch_script(tmp_path: Path, srun_body: str, send_usr1: bool):
-    """Runs the generated script with bash, stand-ins for srun/scancel/scontrol on PATH."""
+def _run_sbatch_script(tmp_path: Path, training: str, send_usr1: bool):
+    """Runs the generated script with bash: a stand-in srun runs the task command it is given
+    (the wrapper around `selfsup train`) with a stand-in `selfsup` whose body is `training`;
+    scancel signals both processes, as SLURM signals every process of the step."""
     script = tmp_path / "job.sbatch"
     proc = _launch("slurm.py", *SLURM_ARGS, "--setup=true", "-o", str(script))
     assert proc.returncode == 0, proc.stderr
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
-    _stand_in(
-        bin_dir, "srun", f'echo "srun $*" >> {log}\necho $$ > {tmp_path}/srun.pid\n' + srun_body
-    )
-    _stand_in(
-        bin_dir, "scancel", f'echo "scancel $*" >> {log}\nkill -TERM $(cat {tmp_path}/srun.pid)'
-    )
+    srun = f'echo "srun $*" >> {log}\nwhile [[ "$1" == --* ]]; do shift; done\n'
+    srun += f'"$@" &\necho $! > {tmp_path}/task.pid\nwait $!\n'
+    _stand_in(bin_dir, "srun", srun)
+    _stand_in(bin_dir, "selfsup", f"echo $$ > {tmp_path}/selfsup.pid\n" + training)
+    kill = f"kill -TERM $(cat {tmp_path}/task.pid) $(cat {tmp_path}/selfsup.pid)"
+    _stand_in(bin_dir, "scancel", f'echo "scancel $*" >> {log}\n{kill}')
     _stand_in(bin_dir, "scontrol", f'echo "scontrol $*" >> {log}')
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
     shell = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path)
-    _wait_for(tmp_path / "srun.pid")
+    _wait_for(tmp_path / "selfsup.pid")
     if send_usr1:
         time.sleep(0.2)  # let the shell reach `wait`
         shell.send_signal(signal.SIGUSR1)
@@ -190,17 +200,24 @@ def _run_sbatch_script(tmp_path: Path, srun_body: str, send_usr1: bool):
     return shell.returncode, log.read_text().splitlines()
 
 
-# The stand-in "training": runs until SIGTERM, then exits 143 as selfsup does after saving.
-TRAINING = "trap 'echo \"task saved\" >> {log}; exit 143' TERM\nwhile true; do sleep 0.05; done\n"
+# The stand-in "training": runs until SIGTERM, then takes a moment to save and exits 143, as
+# selfsup does. The task's wrapper must wait for it (not die of the same SIGTERM, which with
+# --kill-on-bad-exit=1 would kill the others mid-save) and report the saved stop as success.
+TRAINING = (
+    "trap 'sleep 0.3; echo \"task saved\" >> {log}; exit 143' TERM\n"
+    "while true; do sleep 0.05; done\n"
+)
 
 
 def test_slurm_usr1_checkpoints_then_requeues(tmp_path):
     code, calls = _run_sbatch_script(
         tmp_path, TRAINING.format(log=tmp_path / "calls.log"), send_usr1=True
     )
-    assert calls[0].startswith("srun --label --kill-on-bad-exit=0 selfsup train --config")
+    assert calls[0].startswith("srun --label --kill-on-bad-exit=1 --cpus-per-task=8 bash -c ")
+    train = "selfsup train --config configs/mae_vit_in1k.py:variant=B/16 --workdir /shared/runs/b16"
+    assert calls[0].endswith(f" selfsup-task {train} --config.batch_size=4096")
     assert calls[1:] == ["scancel --signal=TERM 4242", "task saved", "scontrol requeue 4242"]
-    assert code == 143
+    assert code == 0
 
 
 def test_slurm_finished_run_is_not_requeued(tmp_path):
@@ -235,7 +252,7 @@ def _commands(text: str) -> list[list[str]]:
 def test_tpu_dry_run_prints_every_command(tmp_path):
     proc = _launch("tpu.py", *TPU_ARGS, "--spot", "--local-path", str(tmp_path), "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    describe, create, tar, scp, install, train = _commands(proc.stdout)
+    describe, create, tar, scp, install, start, stream = _commands(proc.stdout)
     zone = "--zone=us-central2-b"
     tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
     assert describe == [*tpu, "describe", "mae-pod", "--format=value(state,acceleratorType)", zone]
@@ -244,11 +261,13 @@ def test_tpu_dry_run_prints_every_command(tmp_path):
     assert tar[0] == "tar" and tar[-3:] == ["-C", str(tmp_path), "."]
     archive = tar[tar.index("-czf") + 1]
     assert scp == [*tpu, "scp", archive, "mae-pod:selfsup.tar.gz", "--worker=all", zone]
-    for ssh in (install, train):
+    for ssh in (install, start):
         assert ssh[:7] == [*tpu, "ssh", "mae-pod", "--worker=all"] and ssh[-1] == zone
+    assert stream[:7] == [*tpu, "ssh", "mae-pod", "--worker=0"]  # only worker 0's log streams
     assert 'tar -xzf "$HOME/selfsup.tar.gz"' in install[7]
-    assert 'pip install -q -e "$HOME/selfsup"' in install[7]
-    run = train[7].removeprefix("--command=")
+    assert 'pip install -q -e "$HOME/selfsup"' in install[7]  # a local workdir: no gcs extra
+    run = start[7].removeprefix("--command=")
+    assert "setsid nohup bash -c" in run
     assert "selfsup train --config configs/quickstart.py --workdir /mnt/runs/qs " in run
     assert "--config.batch_size=1024" in run
 
@@ -265,14 +284,14 @@ def test_tpu_settings_file_and_git_checkout(tmp_path):
     args = ["--settings", str(settings), "--name=from-flag", "--config=c.py", "--workdir=/mnt/w"]
     proc = _launch("tpu.py", *args, "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    describe, create, install, train = _commands(proc.stdout)  # no copy step for git
+    describe, create, install, start, _ = _commands(proc.stdout)  # no copy step for git
     assert describe[5] == "from-flag"  # flags win over the file
     assert "--version=v2-alpha-tpuv5-lite" in create and "--preemptible" in create
     assert "--zone=europe-west4-b" in create
     script = install[7]
     assert script.index("sudo mount /mnt") < script.index("git fetch")
     assert "git fetch -q --depth=1 https://example.org/selfsup.git v0.1" in script
-    assert "export XLA_FLAGS='--a --b'" in train[7]
+    assert "export XLA_FLAGS='--a --b'" in start[7]
 
 
 @pytest.mark.parametrize(
@@ -322,7 +341,7 @@ def test_tpu_creates_a_missing_slice_then_installs_and_trains(tmp_path):
     env, log = _fake_gcloud(tmp_path, "exit 1")
     proc = _launch("tpu.py", *TPU_ARGS, "--local-path", str(code), env=env)
     assert proc.returncode == 0, proc.stderr
-    assert log.read_text().split() == ["describe", "create", "scp", "ssh", "ssh"]
+    assert log.read_text().split() == ["describe", "create", "scp", "ssh", "ssh", "ssh"]
     archive = tmp_path / "selfsup-mae-pod.tar.gz"
     listing = subprocess.run(["tar", "-tzf", str(archive)], capture_output=True, text=True)
     assert "./marker.txt" in listing.stdout.split()
@@ -333,29 +352,97 @@ def test_tpu_reuses_a_ready_slice_and_refuses_a_different_one(tmp_path):
     args = [*TPU_ARGS, "--git-repo=https://example.org/s.git", "--git-ref=main"]
     proc = _launch("tpu.py", *args, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert log.read_text().split() == ["describe", "ssh", "ssh"]  # no create
+    assert log.read_text().split() == ["describe", "ssh", "ssh", "ssh"]  # no create
     other = [a if not a.startswith("--acc") else "--accelerator-type=v4-64" for a in args]
     proc = _launch("tpu.py", *other, env=env)
     assert proc.returncode == 2 and "exists as v4-32, not v4-64" in proc.stderr
 
 
-def test_tpu_remote_script_streams_worker_0_and_logs_every_worker(tmp_path):
-    proc = _launch("tpu.py", *TPU_ARGS, "--git-repo=r", "--git-ref=main", "--dry-run")
-    train = _commands(proc.stdout)[-1]
-    script = train[7].removeprefix("--command=")
-    home = tmp_path / "home"
+def _worker_script(*args: str, index: int = -1) -> str:
+    """The bash script of the `index`th command of the dry run (its --command=)."""
+    proc = _launch("tpu.py", *args, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    return _commands(proc.stdout)[index][7].removeprefix("--command=")
+
+
+def test_tpu_gs_workdir_installs_the_gcs_extra():
+    args = [a if not a.startswith("--workdir") else "--workdir=gs://bucket/qs" for a in TPU_ARGS]
+    proc = _launch("tpu.py", *args, "--git-repo=r", "--git-ref=main", "--dry-run")
+    install = _commands(proc.stdout)[2][7]
+    assert 'pip install -q -e "$HOME/selfsup[gcs]"' in install
+
+
+def test_tpu_logs_and_stop_need_only_name_and_zone():
+    where = ["--name=mae-pod", "--zone=us-central2-b"]
+    (logs,) = _commands(_launch("tpu.py", *where, "--logs", "--dry-run").stdout)
+    assert logs[5:7] == ["mae-pod", "--worker=0"] and "tail -c" in logs[7]
+    stop, stream = _commands(_launch("tpu.py", *where, "--stop", "--dry-run").stdout)
+    assert stop[6] == "--worker=all" and 'kill -TERM -- "-$(cat' in stop[7]
+    assert stream == logs  # then follows the run to its end
+    proc = _launch("tpu.py", *where, "--dry-run")
+    assert proc.returncode == 2 and "setting 'accelerator_type' is missing" in proc.stderr
+
+
+def test_tpu_run_survives_a_dropped_connection_and_stops_with_a_checkpoint(tmp_path):
+    """The worker-side scripts, run by bash here: the start returns while training goes on in
+    its own session; killing the streaming (a dropped ssh connection) leaves it running; --stop
+    sends SIGTERM, and the stream shows the run saving and ending."""
+    start = _worker_script(*TPU_ARGS, "--git-repo=r", "--git-ref=main", index=-2)
+    where = ["--name=mae-pod", "--zone=us-central2-b"]
+    stream = _worker_script(*where, "--logs")
+    stop = _worker_script(*where, "--stop", index=0)
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
     (home / "selfsup").mkdir(parents=True)
-    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _stand_in(bin_dir, "selfsup", 'echo "selfsup $*"\necho "step 1" >&2\n')
-    outputs = {}
-    for worker in ("0", "1"):
-        _stand_in(bin_dir, "curl", f"echo {worker}\n")  # the metadata server's worker number
-        env = {"HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-        run = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr
-        outputs[worker] = run.stdout
-    expected = "selfsup train --config configs/quickstart.py --workdir /mnt/runs/qs "
-    expected += "--config.batch_size=1024\nstep 1\n"
-    assert outputs == {"0": expected, "1": ""}  # only worker 0 streams
-    assert (home / "selfsup-logs" / "mae-pod.log").read_text() == expected * 2
+    # The stand-in training, one Python process like selfsup: runs until SIGTERM, then saves
+    # and exits 143.
+    (bin_dir / "selfsup").write_text(
+        f"#!{sys.executable}\n"
+        "import signal, sys, time\n"
+        "print('selfsup', *sys.argv[1:], flush=True)\n"
+        "print('step 1', flush=True)\n"
+        "def stop(signum, frame):\n"
+        "    print('checkpoint saved', flush=True)\n"
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "while True:\n"
+        "    time.sleep(0.05)\n"
+    )
+    (bin_dir / "selfsup").chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    logs = home / "selfsup-logs"
+    (logs).mkdir()
+    (logs / "mae-pod.log").write_text("an earlier run\n")
+
+    def bash(script: str, **kw):
+        return subprocess.run(["bash", "-c", script], env=env, timeout=60, **kw)
+
+    assert bash(start, capture_output=True).returncode == 0  # returned, training goes on
+    pid = int((logs / "mae-pod.pid").read_text())
+    assert os.getsid(pid) == pid != os.getsid(0)  # its own session: no SIGHUP from ssh
+    refused = bash(start, capture_output=True, text=True)
+    assert refused.returncode == 1 and "a run is going on mae-pod already" in refused.stderr
+
+    out = tmp_path / "streamed.txt"
+    with open(out, "w") as f:
+        streaming = subprocess.Popen(["bash", "-c", stream], env=env, stdout=f)
+    deadline = time.monotonic() + 30
+    while "step 1" not in out.read_text():
+        assert time.monotonic() < deadline, "the stream never showed the run's output"
+        time.sleep(0.05)
+    streaming.kill()  # the connection drops
+    streaming.wait(timeout=30)
+    os.kill(pid, 0)  # the run is still there
+
+    assert bash(stop).returncode == 0
+    tail = bash(stream, capture_output=True, text=True)  # follows the run to its end
+    assert tail.stdout.splitlines() == [
+        "selfsup train --config configs/quickstart.py --workdir /mnt/runs/qs "
+        "--config.batch_size=1024",
+        "step 1",
+        "checkpoint saved",
+        "selfsup: exited with status 143",
+    ]
+    assert (logs / "mae-pod.log").read_text().startswith("an earlier run\nselfsup train")
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -12,10 +12,8 @@ evaluator, checkpoint step, the exact protocol (every hyperparameter, data and v
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 HELP = "evaluate a checkpoint's frozen backbone (linear probe, k-NN, attentive probe)"
@@ -46,7 +44,7 @@ def evaluate_checkpoint(workdir: str, config: Any, *, step: int | None = None) -
     the checkpoint `step` (latest when None) in `workdir`; write and return the JSON record."""
     import jax
 
-    from selfsup import checkpoint, evaluators, sharding
+    from selfsup import checkpoint, evaluators, paths, sharding
     from selfsup.errors import UserError
 
     start = time.perf_counter()
@@ -73,11 +71,11 @@ def evaluate_checkpoint(workdir: str, config: Any, *, step: int | None = None) -
     results = {name: float(value) for name, value in evaluator.run(variables)}
 
     label = evaluators.label(config)
-    path = Path(workdir) / f"eval_{label}.json"
+    path = paths.path(workdir) / f"eval_{label}.json"
     record = {
         "evaluator": config.name,
         "label": label,
-        "workdir": str(Path(workdir).absolute()),
+        "workdir": str(paths.path(workdir)),
         "step": step,
         "backbone": backbone_config,
         "protocol": config.to_dict(),
@@ -85,10 +83,8 @@ def evaluate_checkpoint(workdir: str, config: Any, *, step: int | None = None) -
         "seconds": round(time.perf_counter() - start, 2),
         "path": str(path),
     }
-    if jax.process_index() == 0:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)  # readers never see a half-written record
+    if jax.process_index() == 0:  # readers never see a half-written record
+        paths.write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return record
 
 

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import sys
 
+from selfsup.errors import UserError
+
 HELP = "pretrain (or resume) a model from a config file"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
-    parser.add_argument("--workdir", help="checkpoints, logs and images go here")
+    parser.add_argument("--workdir", help="checkpoints, logs and images go here (or gs://...)")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (defaults, variant, overrides) as JSON and exit",
+    )
     parser.add_argument(
         "--lower-only",
         metavar="PLATFORMS",
@@ -26,15 +33,17 @@ def tune_process(args) -> None:
     SELFSUP_HOST_MEMORY=default turns it off). Never on an accelerator host, nor for lowering."""
     from selfsup import host_memory
 
-    if not args.lower_only and host_memory.jax_runs_on_cpu_only():
+    if not (args.lower_only or args.print_config) and host_memory.jax_runs_on_cpu_only():
         host_memory.keep_freed_memory()
 
 
 def run(args, overrides: dict[str, str]) -> int:
     from selfsup import config as config_lib
-    from selfsup.errors import UserError
 
     config = config_lib.resolve(config_lib.load(args.config), overrides)
+    if args.print_config:
+        print(config_lib.to_json(config))
+        return 0
     if args.lower_only:
         from selfsup import lower
 
@@ -43,7 +52,11 @@ def run(args, overrides: dict[str, str]) -> int:
             print(f"selfsup: {line}", file=sys.stderr)
         return 0
     if not args.workdir:
-        raise UserError("--workdir is required to train (only --lower-only runs without one)")
+        raise UserError(
+            "--workdir is required: the folder (or gs:// URL) the run writes to "
+            "(only --lower-only and --print-config run without one)"
+        )
+
     from selfsup import train
 
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
 import json
 import os
 import pkgutil
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from selfsup import __version__
+from selfsup import __version__, paths
 from selfsup.errors import UserError
 
 WEIGHTS = "model.safetensors"
@@ -82,7 +83,7 @@ def export(
     # Everything is mapped before anything is written: a failure leaves `out_dir` untouched.
     arrays = export_npz(model, variables, **_accepted(export_npz, extra)) if npz else None
 
-    out = Path(out_dir)
+    out = paths.path(out_dir)  # a local folder or a URL (gs://...)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -105,7 +106,7 @@ def export(
         "files": files,
         "selfsup_version": __version__,
         "source": {
-            "workdir": str(Path(workdir).absolute()),
+            "workdir": str(paths.path(workdir)),
             "step": meta.get("step"),
             "backbone": config["backbone"],
         },
@@ -244,8 +245,7 @@ def _write_safetensors(path: Path, state_dict: dict) -> None:
 
 
 def _atomic(path: Path, write) -> None:
-    """Write through a temporary file and rename, so a reader never sees a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    """`write(file)` into memory, then to `path` whole, so a reader never sees a partial file."""
+    buffer = io.BytesIO()
+    write(buffer)
+    paths.write_bytes(path, buffer.getvalue())
