@@ -227,6 +227,23 @@ def test_a_backbone_name_override_names_the_other_family():
         backbones.build("resnet", nope=1)
 
 
+def test_quality_benchmark_offers_the_cifar_resnet_at_32_px():
+    """`benchmarks/quality.py --set OBJ.backbone=resnet18_cifar` trains solo-learn's CIFAR
+    ResNet-18 on the data's 32 px (not upsampled) for every objective with per-backbone views."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    for name, objective in quality.OBJECTIVES.items():
+        if not isinstance(objective["views"], dict):
+            continue
+        config = quality.train_config(objective, "resnet18_cifar", images_seen=256)
+        assert config["backbone"]["cifar_stem"] is True, name
+        assert all(v.startswith("rrc(32,") or v.startswith("rrc(16,") for v in config["views"])
+    assert "resnet18_cifar" in quality.SUPERVISED["optim"]
+
+
 # ---------------------------------------------------------------- NumPy float64 references
 
 
