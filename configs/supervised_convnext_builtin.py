@@ -13,7 +13,8 @@ heavily shared CPU cores): it does not learn in this budget. Train accuracy (log
 top-1 on the test split is 17.6% (`selfsup eval --workdir /tmp/sup_cnx --config
 configs/eval/knn.py`), against 79.8% for configs/supervised_resnet_builtin.py in the same number
 of steps. Variant `smoke` runs 3 steps of a ConvNeXt-tiny cut to one block per stage and
-16-32-64-128 channels, at 32 px, in seconds."""
+16-32-64-128 channels, at 32 px, in seconds.
+"""
 
 import ml_collections as mlc
 
