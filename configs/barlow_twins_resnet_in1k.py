@@ -17,8 +17,9 @@ not reproduced with selfsup: no run at this scale here). Needs
 
 The official code blurs with PIL's GaussianBlur(radius=sigma); here a Gaussian kernel of 10% of
 the image side (selfsup.augment_color). Variant `smoke` shrinks it to run on a CPU in seconds on
-the built-in dataset: the chosen variant cut to one block per stage and 8 base channels, with
-the CIFAR stem (3x3/1, no max-pool), 32-px views, a 32-32-32 projector, batch 16, 3 steps.
+the built-in dataset: the chosen variant cut to one block per stage and 8 base channels (no
+zero-initialised BN), with the CIFAR stem (3x3/1, no max-pool), 32-px views, a 32-32-32
+projector, batch 16, 3 steps.
 """
 
 import ml_collections as mlc
@@ -77,7 +78,9 @@ def get_config(arg=None):
         c.compute_dtype = "float32"
         c.data = dict(source="builtin", name="shapes", image_size=32)
         c.views = views(32)
-        c.backbone.update(cifar_stem=True, blocks=(1, 1, 1, 1), channels=8)
+        # Every residual branch live from step 0 (no zero-initialised BN), so that the first
+        # step's gradient reaches every layer (tests/test_objectives_shared.py checks it).
+        c.backbone.update(cifar_stem=True, blocks=(1, 1, 1, 1), channels=8, zero_init_last_bn=False)
         c.objective.update(projector=(32, 32, 32))
         c.optim.update(warmup_epochs=0.0, min_lr=0.0)
         c.optim.warmup_steps = 1

@@ -18,8 +18,9 @@ here).
 Variant `smoke` is self-contained: it first trains its teacher, a tiny supervised ResNet
 (configs/supervised_resnet_builtin.py:smoke with the student's backbone settings, 2 steps; once
 per machine and source tree, cached in the temp directory), then distils it into the chosen
-variant cut to one block per stage and 8 base channels, with the CIFAR stem (3x3/1, no max-pool),
-on 32-px views of the built-in dataset, batch 16, 3 steps. `:smoke,teacher=DIR` uses another.
+variant cut to one block per stage and 8 base channels (no zero-initialised BN), with the CIFAR
+stem (3x3/1, no max-pool), on 32-px views of the built-in dataset, batch 16, 3 steps.
+`:smoke,teacher=DIR` uses another.
 """
 
 import hashlib
@@ -34,8 +35,9 @@ import ml_collections as mlc
 from selfsup.config import parse_arg
 
 BASE_LR = 0.075  # x sqrt(batch)
-# The smoke variant's student and teacher backbone settings: a tiny ResNet with the CIFAR stem.
-SMOKE_BACKBONE = dict(cifar_stem=True, blocks=(1, 1, 1, 1), channels=8)
+# The smoke variant's student and teacher backbone settings: a tiny ResNet with the CIFAR stem,
+# every residual branch live from step 0 (a gradient reaches every layer in the first step).
+SMOKE_BACKBONE = dict(cifar_stem=True, blocks=(1, 1, 1, 1), channels=8, zero_init_last_bn=False)
 TEACHER_CONFIG = "supervised_resnet_builtin.py"  # the smoke teacher's, beside this file
 
 

@@ -16,13 +16,13 @@ figures, not reproduced with selfsup: no run at this scale here). Needs `imagene
 ArrayRecord in data_dir (see README, "Bring your own data"). Fine-tuning keeps the head's first
 layer (selfsup.objectives.simclr.FINETUNE_LAYER), as the paper.
 
-The learning rate uses square-root batch scaling, computed here from the config argument
-`batch` (`:batch=1024`), with lr_batch_divisor=0 (no further scaling): change the batch size
-with that argument, not with --config.batch_size, or the lr stays that of the old batch.
-Deviation: the weight decay is the SimCLRv2 one (1e-4: the tf2 README's ImageNet command, whose
-"known issues" note that v1 and v2 used different decays), not v1's 1e-6 (tf2 run.py's default).
-Variant `smoke` shrinks it to run on a CPU in seconds on the built-in dataset: the chosen
-variant cut to one block per stage and 8 base channels, with the CIFAR stem (3x3/1, no
+The learning rate uses square-root batch scaling, computed here from the config argument `batch`
+(`:batch=1024`), with lr_batch_divisor=0 (no further scaling): change the batch size with that
+argument, not with --config.batch_size, or the lr stays that of the old batch. Deviation: the
+weight decay is the SimCLRv2 one (1e-4: the tf2 README's ImageNet command, whose "known issues"
+note that v1 and v2 used different decays), not v1's 1e-6 (tf2 run.py's default). Variant
+`smoke` shrinks it to run on a CPU in seconds on the built-in dataset: the chosen variant cut to
+one block per stage and 8 base channels (no zero-initialised BN), with the CIFAR stem (3x3/1, no
 max-pool), on 32-px views without blur (SimCLR's CIFAR setting), batch 16, 3 steps.
 """
 
@@ -78,7 +78,9 @@ def get_config(arg=None):
         c.compute_dtype = "float32"
         c.data = dict(source="builtin", name="shapes", image_size=32)
         c.views = views(32, blur=False)
-        c.backbone.update(cifar_stem=True, blocks=(1, 1, 1, 1), channels=8)
+        # Every residual branch live from step 0 (no zero-initialised BN), so that the first
+        # step's gradient reaches every layer (tests/test_objectives_shared.py checks it).
+        c.backbone.update(cifar_stem=True, blocks=(1, 1, 1, 1), channels=8, zero_init_last_bn=False)
         c.objective.update(proj_dim=32)
         c.optim.update(base_lr=BASE_LR * math.sqrt(16), warmup_epochs=0.0)
         c.optim.warmup_steps = 1

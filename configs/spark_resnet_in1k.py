@@ -15,12 +15,12 @@ README; ResNet-101: 82.2; not reproduced with selfsup: no run at this scale here
 changes the batch with the learning rates scaled.
 
 Deviations: the official LR warmup starts at 0.005 x the peak (ours at 0); our ResNet has no
-stochastic depth (the official ResNet-50 uses timm's drop_path_rate 0.05); RandomResizedCrop cuts
-from images stored at 256 px (shorter side), not from the full-size JPEG. See
+stochastic depth (the official ResNet-50 uses timm's drop_path_rate 0.05); RandomResizedCrop
+cuts from images stored at 256 px (shorter side), not from the full-size JPEG. See
 selfsup/objectives/spark.py for the model's deviations. Variant `smoke` shrinks it to the chosen
-variant cut to one block per stage and 8 base channels, on 64-px images of the built-in dataset
-with the ImageNet stem (the mask needs its stride-32 grid: 2 x 2 cells at 64 px), decoder width
-64, a few steps on a CPU.
+variant cut to one block per stage and 8 base channels (no zero-initialised BN), on 64-px images
+of the built-in dataset with the ImageNet stem (the mask needs its stride-32 grid: 2 x 2 cells
+at 64 px), decoder width 64, a few steps on a CPU.
 """
 
 import ml_collections as mlc
@@ -66,7 +66,9 @@ def get_config(arg=None):
         c.data = dict(source="builtin", name="shapes", image_size=64)
         c.views = ("rrc(64, scale=(0.67, 1.0), method='bicubic')|flip|normalize('imagenet')",)
         # The ImageNet stem: the sparse mask needs the stride-32 grid (2 x 2 at 64 px).
-        c.backbone.update(blocks=(1, 1, 1, 1), channels=8)
+        # Every residual branch live from step 0 (no zero-initialised BN), so that the first
+        # step's gradient reaches every layer (tests/test_objectives_shared.py checks it).
+        c.backbone.update(blocks=(1, 1, 1, 1), channels=8, zero_init_last_bn=False)
         c.objective.decoder_width = 64
         c.optim.warmup_epochs = 0.0
         c.optim.warmup_steps = 1
