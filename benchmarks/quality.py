@@ -9,6 +9,7 @@ on the same images for the same budget.
     python benchmarks/quality.py --objectives mae --images-seen 50850 --no-supervised
     python benchmarks/quality.py --objectives swav --set swav.objective.num_prototypes=3000
     python benchmarks/quality.py --objectives swav --set swav.backbone=vit --no-supervised
+    python benchmarks/quality.py --objectives simclr --set simclr.backbone=resnet18_cifar
 
 Data: `../shared/data/cifar10_subset.npz` (5085 train / 1017 test images, 32 px) through the
 `npz` source, the code path of a user's own arrays. Every run is `selfsup.train.
@@ -30,7 +31,9 @@ tuning at this length), small heads and projectors, no Gaussian blur (as SimCLR'
 SwAV with 2 x 64 + 2 x 32 crops (2 x 32 + 2 x 16 on the ViT), 100 prototypes (paper: 3000) and
 no queue, colour distortion at SimCLR's CIFAR strength 0.5 for SimCLR, Barlow Twins (officially
 saturation 0.2) and SwAV (officially strength 1), ResNet-18 with the ImageNet stem on upsampled
-images (solo-learn's CIFAR ResNet-18 has a 3x3 stride-1 stem and no max-pool instead).
+images (solo-learn's CIFAR ResNet-18 has a 3x3 stride-1 stem and no max-pool instead: backbone
+`resnet18_cifar`, at 32 px, for every convnet objective but SparK, whose mask needs the stride-32
+grid; its stages work on 34-px maps, about 4x the compute of the 64-px ImageNet-stem runs).
 """
 
 from __future__ import annotations
@@ -71,14 +74,16 @@ BATCH = 128
 # objective on the ViT (the views below have both sizes).
 VIT = dict(name="vit", variant="Ti/4", depth=4, cls_token=False, pool="gap")
 RESNET = dict(name="resnet", variant="18", bn_momentum=0.9, zero_init_last_bn=True)
-BACKBONES = {"vit": VIT, "resnet18": RESNET}
+# solo-learn's CIFAR ResNet-18 (3x3/1 stem, no max-pool), at the data's 32 px.
+RESNET_CIFAR = dict(RESNET, cifar_stem=True)
+BACKBONES = {"vit": VIT, "resnet18": RESNET, "resnet18_cifar": RESNET_CIFAR}
 
 IMAGENET = "|normalize('imagenet')"
 # Colour distortion at strength 0.5, SimCLR's CIFAR-10 setting (Chen et al. 2020, appendix B.9).
 JITTER = "|color_jitter(0.4, 0.4, 0.4, 0.1, p=0.8)|grayscale(0.2)"
 # View size and resize method per backbone: the ViT at the data's 32 px, the ResNet (ImageNet
 # stem, stride 32) at 64 px upsampled bicubically, so that its last stage is 2 x 2.
-SIZES = {"vit": (32, ""), "resnet18": (64, ", method='bicubic'")}
+SIZES = {"vit": (32, ""), "resnet18": (64, ", method='bicubic'"), "resnet18_cifar": (32, "")}
 
 
 def adamw(lr: float, warmup: float = 0.1, wd: float = 0.05, **extra) -> dict:
@@ -181,7 +186,11 @@ OBJECTIVES = {
 SUPERVISED = dict(
     views={b: (f"rrc({s}, scale=(0.35, 1.0){m})|flip{IMAGENET}",) for b, (s, m) in SIZES.items()},
     objective=dict(name="supervised", label_smoothing=0.1),
-    optim={"vit": adamw(1e-3), "resnet18": adamw(2e-3, wd=1e-4)},
+    optim={
+        "vit": adamw(1e-3),
+        "resnet18": adamw(2e-3, wd=1e-4),
+        "resnet18_cifar": adamw(2e-3, wd=1e-4),
+    },
 )
 
 

@@ -11,7 +11,7 @@ lr 5e-4 (B) / 1e-3 (L, H) x batch / 256, layer-wise lr decay 0.65 (B) / 0.75 (L,
 epochs then cosine to 1e-6, 100 epochs (B) / 50 (L, H), drop path 0.1 / 0.2 / 0.3 (B / L / H),
 mixup 0.8, cutmix 1.0 (switch 0.5), label smoothing 0.1, RandomResizedCrop(0.08, 1) + flip,
 global average pooling. Expected (paper, pretrained 1600 epochs): 83.6% (B/16), 85.9% (L/16)
-top-1 on the validation set.
+top-1 on the validation set (not reproduced with selfsup: no run at this scale here).
 
 Deviations from MAE: RandAugment (rand-m9-mstd0.5-inc1) and random erasing (0.25) are not in our
 augmentation set and are left out; the pooled feature is the mean of the tokens after the final

@@ -5,9 +5,11 @@
 
 1600 epochs, batch 4096, AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4 scaled by batch / 256,
 40 warmup epochs then cosine, mask ratio 0.75, norm_pix_loss, RandomResizedCrop(0.2, 1) +
-flip. Expected: 68.0% linear probe / 83.6% fine-tuned top-1 for ViT-B/16 (paper). Needs
+flip. Expected: 68.0% linear probe / 83.6% fine-tuned top-1 for ViT-B/16 (the paper's figures,
+not reproduced with selfsup: no run at this scale here). Needs
 `imagenet2012` prepared as ArrayRecord in data_dir (see README, "Bring your own data").
-Variant `smoke` shrinks it to run on a CPU in seconds on the built-in dataset.
+Variant `smoke` shrinks it to run on a CPU in seconds on the built-in dataset: a 2-block ViT of
+width 64 at patch 8 on 32-px images, a 1-block decoder of width 32, batch 16, 3 steps.
 """
 
 import ml_collections as mlc

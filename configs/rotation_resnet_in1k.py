@@ -10,9 +10,12 @@ cosine decay (selfsup.optim has no step schedule). Views: RandomResizedCrop(224)
 not normalised: the objective rotates, then normalises with ImageNet's mean and std. Expected:
 the paper's RotNet (AlexNet) reaches about 38% ImageNet top-1 with linear classifiers on its
 conv3/conv4 features; later ResNet-50 reproductions (Kolesnikov et al. 2019, Goyal et al. 2019)
-report roughly 44-49% linear top-1, depending on the layer probed.
+report roughly 44-49% linear top-1, depending on the layer probed (published figures,
+not reproduced with selfsup: no run at this scale here).
 Needs `imagenet2012` prepared as ArrayRecord in data_dir (see README).
-Variant `smoke` runs 3 steps of a ResNet-18 on the built-in dataset in seconds on a CPU.
+Variant `smoke` runs 3 steps on the built-in dataset in seconds on a CPU: the chosen variant
+cut to one block per stage and 8 base channels, with the CIFAR stem (3x3/1, no max-pool), on
+32-px views, batch 16 (64 rotated images), SGD at 0.1 x batch / 256.
 """
 
 import ml_collections as mlc
@@ -51,6 +54,6 @@ def get_config(arg=None):
         c.compute_dtype = "float32"
         c.data = dict(source="builtin", name="shapes", image_size=32)
         c.views = ("rrc(32, scale=(0.35, 1.0))|flip",)
-        c.backbone = dict(name="resnet", variant="18")
+        c.backbone.update(cifar_stem=True, blocks=(1, 1, 1, 1), channels=8)
         c.optim.update(base_lr=0.1, lr_batch_divisor=256, warmup_steps=1)
     return c

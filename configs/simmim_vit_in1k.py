@@ -4,19 +4,20 @@ microsoft/SimMIM configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800e
     selfsup train --config configs/simmim_vit_in1k.py:variant=B/16 --workdir gs://bucket/simmim \
         --config.data.data_dir=/path/to/tensorflow_datasets
 
-800 epochs, batch 2048 (the README's 16 GPUs x 128), AdamW (0.9, 0.999), wd 0.05 (not on
-biases, norms and the cls token; the mask token is decayed, as in the official parameter
-groups), base lr 1e-4 scaled by batch / 512, 10 warmup epochs, gradient clipping at 5.0, drop
-path 0.1, mask patch 32 at ratio 0.6, RandomResizedCrop(224, scale=(0.67, 1), bilinear) + flip.
-Expected: 83.8% top-1 for ViT-B/16 after fine-tuning (paper and README); the paper's linear
-probe reads block 8 with average pooling. Needs `imagenet2012` prepared as ArrayRecord in
-data_dir (see README, "Bring your own data").
+800 epochs, batch 2048 (the README's 16 GPUs x 128), AdamW (0.9, 0.999), wd 0.05 (not on biases,
+norms and the cls token; the mask token is decayed, as in the official parameter groups), base lr
+1e-4 scaled by batch / 512, 10 warmup epochs, gradient clipping at 5.0, drop path 0.1, mask patch 32
+at ratio 0.6, RandomResizedCrop(224, scale=(0.67, 1), bilinear) + flip. Expected: 83.8% top-1 for
+ViT-B/16 after fine-tuning (paper and README; not reproduced with selfsup: no run at this scale
+here); the paper's linear probe reads block 8 with average pooling. Needs `imagenet2012` prepared as
+ArrayRecord in data_dir (see README, "Bring your own data").
 
 Deviation: the official schedule holds the LR constant after warmup and multiplies it by 0.1
 at epoch 700; selfsup.optim has no multi-step schedule, so this config holds it constant for all
 800 epochs (schedule "constant"), and warms up from 0 rather than 5e-7 x batch / 512. See
 selfsup/objectives/simmim.py for the model's deviations. Variant `smoke` shrinks it to run on a
-CPU in seconds on the built-in dataset (mask patch 8 on 32-px images).
+CPU in seconds on the built-in dataset: a 2-block ViT of width 64 at patch 8, mask patch 8 on
+32-px images, batch 16, 3 steps.
 """
 
 import ml_collections as mlc

@@ -4,18 +4,20 @@ keyu-tian/SparK pretrain/utils/arg_util.py and models/__init__.py defaults).
     selfsup train --config configs/spark_convnext_in1k.py:variant=small \
         --workdir /mnt/shared/spark_cnx_s --config.data.data_dir=/path/to/tensorflow_datasets
 
-The ResNet recipe (configs/spark_resnet_in1k.py: 1600 epochs, batch 4096, LAMB, base lr 2e-4 x
-batch / 256, 40 warmup epochs, cosine, weight decay 0.04 -> 0.2, clipping at 5, mask ratio 0.6,
-decoder width 768, RandomResizedCrop(224, scale=(0.67, 1)) + flip) with the official ConvNeXt
-changes: LAMB's beta2 0.999, a LayerNorm to densify, drop path 0.2 (ConvNeXt-S; base 0.3,
-large 0.4), and no weight decay on the layer scales (`gamma`). Expected: 84.1% top-1 for
-ConvNeXt-S after ImageNet fine-tuning (paper, official README; ConvNeXt-B: 84.8). Needs
-`imagenet2012` prepared as ArrayRecord in data_dir (see README, "Bring your own data").
+The ResNet recipe (configs/spark_resnet_in1k.py: 1600 epochs, batch 4096, LAMB, base lr 2e-4 x batch
+/ 256, 40 warmup epochs, cosine, weight decay 0.04 -> 0.2, clipping at 5, mask ratio 0.6, decoder
+width 768, RandomResizedCrop(224, scale=(0.67, 1)) + flip) with the official ConvNeXt changes:
+LAMB's beta2 0.999, a LayerNorm to densify, drop path 0.2 (ConvNeXt-S; base 0.3, large 0.4), and no
+weight decay on the layer scales (`gamma`). Expected: 84.1% top-1 for ConvNeXt-S after ImageNet
+fine-tuning (paper, official README; ConvNeXt-B: 84.8; not reproduced with selfsup: no run at this
+scale here). Needs `imagenet2012` prepared as ArrayRecord in data_dir (see README, "Bring your own
+data").
 
 Deviations: the official LR warmup starts at 0.005 x the peak (ours at 0); RandomResizedCrop
 cuts from images stored at 256 px. See selfsup/objectives/spark.py for the model's deviations.
-Variant `smoke` shrinks it to a 1-block-per-stage ConvNeXt on 64-px images of the built-in
-dataset, a few steps on a CPU.
+Variant `smoke` shrinks it to a ConvNeXt with one block per stage and 16-32-64-128 channels
+on 64-px images of the built-in dataset (a 2 x 2 grid of 32-px mask cells), decoder width 64,
+a few steps on a CPU.
 """
 
 import ml_collections as mlc

@@ -1,12 +1,17 @@
-"""Supervised training of ResNet-18 on the built-in `shapes` dataset (the ResNet baseline of the
-quality benchmark, and a template for ResNet fine-tuning configs).
+"""Supervised training of ResNet-18 on the built-in `shapes` dataset: a convnet baseline on the
+built-in data, and a template for ResNet fine-tuning configs.
 
     selfsup train --config configs/supervised_resnet_builtin.py --workdir /tmp/sup_resnet
 
-SGD with momentum 0.9 at lr = 0.1 x batch / 256 (Goyal et al. 2017), 40 warmup steps then
-cosine, weight decay 1e-4 on conv and linear kernels (BN parameters and biases exempt),
-BatchNorm momentum 0.9 (PyTorch's 0.1), each block's last BN scale zero-initialised. Train
-accuracy (logged as `accuracy`) RESULT_PLACEHOLDER. Variant `smoke` runs 3 steps in seconds.
+ResNet-18 with the ImageNet stem on 32-px crops (RandomResizedCrop(32, scale 0.35-1) + flip,
+ImageNet normalisation), batch 128, 400 steps, cross-entropy with label smoothing 0.1. AdamW
+(0.9, 0.95) at lr 2e-3 x batch / 256 = 1e-3, 40 warmup steps then cosine to 0, weight decay 0.05
+except on biases and BatchNorm parameters; BatchNorm momentum 0.9 (PyTorch's 0.1), each block's
+last BN scale zero-initialised. Measured (2026-12-07, 2 shared CPU cores, 3.3 minutes): train
+accuracy (logged as `accuracy`, on the augmented batches) 74-77% over the last 40 steps, loss
+1.08; k-NN top-1 79.8% on the test split (`selfsup eval --workdir /tmp/sup_resnet --config
+configs/eval/knn.py`; chance is 10%). Variant `smoke` runs 3 steps of the same ResNet-18 at batch
+16 in seconds, with no zero-initialised BN, so that the export tests see every layer at work.
 """
 
 import ml_collections as mlc

@@ -1,10 +1,17 @@
-"""Supervised training of a small ViT on the built-in `shapes` dataset (the baseline of the
-quality benchmark, and a template for fine-tuning configs).
+"""Supervised training of a small ViT on the built-in `shapes` dataset: a ViT baseline on the
+built-in data, and a template for fine-tuning configs.
 
     selfsup train --config configs/supervised_vit_builtin.py --workdir /tmp/sup
 
-About 5 minutes on 2 CPU cores; train accuracy (logged as `accuracy`) rises well above chance
-(10%). Variant `smoke` runs a few steps in seconds.
+ViT-Ti/4 (width 192, 3 heads) cut to 4 blocks, the mean of the patch tokens as the feature, on
+32-px crops (RandomResizedCrop(32, scale 0.35-1) + flip, ImageNet normalisation), batch 128, 400
+steps, cross-entropy with label smoothing 0.1. AdamW (0.9, 0.95) at lr 1e-3 x batch / 256 =
+5e-4, 40 warmup steps then cosine to 0, weight decay 0.05 except on biases, norms, the position
+embedding and the cls token. Measured (2026-12-07, 22 minutes on 2 heavily shared CPU cores):
+train accuracy (logged as `accuracy`, on the augmented batches) 62-67% over the last 40 steps,
+loss 1.26; k-NN top-1 75.5% on the test split (`selfsup eval --workdir /tmp/sup --config
+configs/eval/knn.py`; chance is 10%). Variant `smoke` runs 3 steps of a 2-block ViT of width 64
+at patch 8, batch 16, in seconds.
 """
 
 import ml_collections as mlc

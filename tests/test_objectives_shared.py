@@ -2,8 +2,9 @@
 
 Objectives and families are discovered from the packages; each objective's small settings come
 from the `smoke` variant of its first config in configs/, each family's from the smoke variant
-of `configs/supervised_<family>_builtin.py` (or the objective's own backbone). A pair the
-backbone cannot serve must fail at build time with a UserError naming the problem.
+of the objective's own config on that family, else of the first config on it (or
+`configs/supervised_<family>_builtin.py`). A pair the backbone cannot serve must fail at build
+time with a UserError naming the problem.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ def smoke_configs() -> dict[str, config_lib.mlc.ConfigDict]:
     return out
 
 
-def family_backbone(family: str) -> dict | None:
+def family_backbone(family: str, objective: str) -> dict | None:
+    """The smoke backbone of `objective`'s own config on `family` if it has one (SparK's ResNet
+    keeps the ImageNet stem that its mask grid needs), else of the first config on `family`."""
+    own = sorted((REPO / "configs").glob(f"{objective}_{family}_*.py"))
+    if own:
+        return config_lib.resolve(config_lib.load(f"{own[0]}:smoke")).backbone.to_dict()
     for config in smoke_configs().values():
         if config.backbone.name == family:
             return config.backbone.to_dict()
@@ -61,7 +67,7 @@ def setup(objective: str, family: str):
     config = smoke_configs().get(objective)
     if config is None:
         pytest.skip(f"objective '{objective}' has no config in configs/ to take settings from")
-    backbone = family_backbone(family)
+    backbone = family_backbone(family, objective)
     if backbone is None:
         pytest.skip(f"backbone family '{family}' has no smoke config to take settings from")
     try:

@@ -108,7 +108,7 @@ def test_parse_variant():
             resnet.Model(variant=bad)
     with pytest.raises(UserError, match="bn_momentum"):
         resnet.Model(variant="18", bn_momentum=1.0)
-    assert resnet.Model.mask_modes == ("sparse",)
+    assert resnet.Model(variant="18").mask_modes == ("sparse",)
     assert resnet.Model(variant="50x2-sk").embed_dim == 4096
     assert resnet.Model(variant="34x3").embed_dim == 1536
 
@@ -155,6 +155,93 @@ def test_initialisation_and_zero_init_last_bn():
     assert np.all(params["bn2"]["scale"] == 0.0) and np.all(params["bn1"]["scale"] == 1.0)
     assert "downsample_conv" not in params  # same shape: identity shortcut (torchvision)
     assert resnet.Model().zero_init_last_bn is False
+
+
+def test_cifar_stem_shapes_and_parameters():
+    """solo-learn's CIFAR stem: one 3x3/1 conv with padding 2 (32 px -> 34), no max-pool, so the
+    stages sit at strides 1, 2, 4, 8 of the 34-px map; only conv1's kernel changes."""
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    model = resnet.Model(variant="18", cifar_stem=True)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    params = variables["params"]
+    assert params["conv1"]["kernel"].shape == (3, 3, 3, 64)
+    assert sorted(params) == sorted(abstract_variables("18")["params"])  # no other stem params
+    assert (
+        count("18") - sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+        == (7 * 7 - 3 * 3) * 3 * 64
+    )
+    out = jax.eval_shape(model.apply, variables, x)
+    assert out.intermediates["stem"].shape == (2, 34, 34, 64)
+    assert [m.shape[1:] for m in out.feature_maps] == [
+        (34, 34, 64),
+        (17, 17, 128),
+        (9, 9, 256),
+        (5, 5, 512),
+    ]
+    assert out.pooled.shape == (2, 512)
+    # The SK variant's deep stem gives way to the same single conv.
+    sk = resnet.Model(variant="50x2-sk", cifar_stem=True, blocks=(1, 1, 1, 1))
+    sk_params = jax.eval_shape(sk.init, jax.random.key(0), x)["params"]
+    assert "stem_conv1" not in sk_params and sk_params["conv1"]["kernel"].shape == (3, 3, 3, 128)
+    # Sparse masks live on the stride-32 grid, which the CIFAR stem does not have.
+    assert model.mask_modes == ()
+    with pytest.raises(UserError, match="mask mode 'sparse' is not supported"):
+        jax.eval_shape(
+            functools.partial(model.apply, mask=Mask(jnp.zeros((2, 1, 1), bool), "sparse")),
+            variables,
+            x,
+        )
+
+
+def test_blocks_and_channels_make_a_tiny_resnet():
+    tiny = resnet.Model(variant="50", blocks=(1, 1, 1, 1), channels=8)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(tiny.init, jax.random.key(0), x)
+    params = variables["params"]
+    assert sorted(params) == ["bn1", "conv1", "layer1_0", "layer2_0", "layer3_0", "layer4_0"]
+    assert params["conv1"]["kernel"].shape == (7, 7, 3, 8)
+    assert params["layer4_0"]["conv3"]["kernel"].shape == (1, 1, 64, 256)
+    assert tiny.embed_dim == 256
+    assert jax.eval_shape(tiny.apply, variables, x).pooled.shape == (2, 256)
+    # channels is the base before the width multiplier, as 64 is.
+    assert resnet.Model(variant="18x2", channels=8).embed_dim == 2 * 8 * 8
+    for bad in ({"blocks": (1, 1, 1)}, {"blocks": (1, 0, 1, 1)}, {"channels": 7}):
+        with pytest.raises(UserError, match="blocks must be|channels must be"):
+            resnet.Model(variant="18", **bad)
+
+
+def test_a_backbone_name_override_names_the_other_family():
+    """`--config.backbone.name=resnet` on a ViT config keeps the ViT's keys: the error says so."""
+    from selfsup import backbones
+
+    with pytest.raises(UserError) as e:
+        backbones.build("resnet", variant="Ti/8", depth=1, width=32, num_heads=2)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "unknown key 'depth'" in message and "backbone 'vit'" in message
+    assert "config.backbone.name" in message and "cifar_stem" in message  # the valid keys
+    with pytest.raises(UserError, match="unknown key 'blocks', a setting of backbone 'resnet'"):
+        backbones.build("convnext", variant="atto", blocks=(1, 1, 1, 1), cifar_stem=True)
+    # A key no family has stays the plain unknown-key error.
+    with pytest.raises(UserError, match="unknown key 'nope'; valid keys"):
+        backbones.build("resnet", nope=1)
+
+
+def test_quality_benchmark_offers_the_cifar_resnet_at_32_px():
+    """`benchmarks/quality.py --set OBJ.backbone=resnet18_cifar` trains solo-learn's CIFAR
+    ResNet-18 on the data's 32 px (not upsampled) for every objective with per-backbone views."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    for name, objective in quality.OBJECTIVES.items():
+        if not isinstance(objective["views"], dict):
+            continue
+        config = quality.train_config(objective, "resnet18_cifar", images_seen=256)
+        assert config["backbone"]["cifar_stem"] is True, name
+        assert all(v.startswith("rrc(32,") or v.startswith("rrc(16,") for v in config["views"])
+    assert "resnet18_cifar" in quality.SUPERVISED["optim"]
 
 
 # ---------------------------------------------------------------- NumPy float64 references
@@ -451,13 +538,13 @@ def build_torch(tc, spec, state_dict):
     return module.eval()
 
 
-def assert_same_features(out, maps, pooled):
+def assert_same_features(out, maps, pooled, cifar_stem=False):
     """Features equal to the PyTorch model's stage maps (at PyTorch's output sizes) and pooled
     output, to a relative error < 1e-4."""
     assert isinstance(out, Features) and out.tokens is None and out.cls is None
     assert sorted(out.intermediates) == ["stage_1", "stage_2", "stage_3", "stage_4", "stem"]
     stem = out.intermediates["stem"]  # before the stem's max-pool: ceil(S / 2) after it
-    assert out.feature_maps[0].shape[1] == -(-stem.shape[1] // 2)
+    assert out.feature_maps[0].shape[1] == (stem.shape[1] if cifar_stem else -(-stem.shape[1] // 2))
     for k, m in enumerate(out.feature_maps):
         np.testing.assert_array_equal(out.intermediates[f"stage_{k + 1}"], m)
     assert len(out.feature_maps) == len(maps) == 4
@@ -491,6 +578,41 @@ def test_export_matches_pytorch_at_random_parameters(tc, variant, size, library)
         assert (spec["architecture"], spec["kwargs"]) == ("resnet_torch.ResNet", kwargs)
     module = build_torch(tc, spec, state_dict)  # strict: every name and shape must match
     assert_same_features(out, *torch_features(tc, spec, module, x))
+
+
+@pytest.mark.parametrize(
+    "variant,overrides",
+    [
+        ("18", {"cifar_stem": True}),
+        ("50x2-sk", {"cifar_stem": True, "blocks": [1, 1, 1, 1], "channels": 8}),
+        ("50", {"blocks": [1, 2, 1, 1], "channels": 16}),  # a tiny ResNet, ImageNet stem
+    ],
+)
+def test_export_of_cifar_stem_and_tiny_resnets_matches_pytorch(tc, variant, overrides):
+    """Exports onto selfsup's PyTorch ResNet with the overrides in its kwargs; a plain CIFAR-stem
+    ResNet-18 also loads strictly into torchvision's resnet18 with solo-learn's replacements."""
+    model = resnet.Model(variant=variant, **overrides)
+    x = images(32)
+    variables = randomize(jax.eval_shape(model.init, jax.random.key(0), x))
+    out = jax.jit(model.apply)(variables, x)
+    state_dict, spec = resnet.export_torch(model, variables)
+    depth, width, sk = resnet.parse_variant(variant)
+    kwargs = {"depth": depth, "width": width, "sk_ratio": 0.0625 if sk else 0.0, **overrides}
+    assert (spec["library"], spec["architecture"]) == ("selfsup", "resnet_torch.ResNet")
+    assert spec["kwargs"] == kwargs and json.dumps(spec)
+    module = build_torch(tc, spec, state_dict)
+    cifar = overrides.get("cifar_stem", False)
+    assert_same_features(out, *torch_features(tc, spec, module, x), cifar_stem=cifar)
+    if overrides == {"cifar_stem": True}:
+        torch = tc.torch
+        tv = tc.torchvision.models.resnet18()
+        tv.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 2, bias=False)
+        tv.maxpool, tv.fc = torch.nn.Identity(), torch.nn.Identity()
+        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}
+        tv.load_state_dict(tensors, strict=True)
+        with torch.no_grad():
+            pooled = tv.eval()(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+        assert rel_err(out.pooled, pooled.numpy()) < 1e-4
 
 
 def test_export_resnet200_maps_onto_timm(tc):

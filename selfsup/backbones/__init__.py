@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 from typing import Any
 
 import flax.linen as nn
@@ -71,12 +72,38 @@ def build(name: str, **kwargs: Any) -> nn.Module:
         if e.name != f"selfsup.backbones.{name}":
             raise
         raise UserError(f"config.backbone.name: unknown backbone '{name}'") from None
+    unknown = sorted(set(kwargs) - _fields(module.Model))
+    owner = next((f for f in _families() if f != name and unknown and set(unknown) <= f[1]), None)
+    if owner:
+        # The usual cause: `--config.backbone.name=<name>` on a config whose other backbone
+        # keys describe another family (an override cannot remove them).
+        raise UserError(
+            f"config.backbone ({name}): unknown key '{unknown[0]}', a setting of backbone "
+            f"'{owner[0]}': this config's backbone keys are for '{owner[0]}', so changing only "
+            f"config.backbone.name keeps them; use a config whose backbone is '{name}' or set "
+            f"the whole backbone in the config file (valid keys for {name}: "
+            f"{', '.join(sorted(_fields(module.Model)))})"
+        )
     return construct(module.Model, kwargs, f"config.backbone ({name})")
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
+def _families() -> list[tuple[str, set[str]]]:
+    """(family, constructor keys) of every backbone module."""
+    out = []
+    for info in pkgutil.iter_modules(__path__):
+        model = getattr(importlib.import_module(f"{__name__}.{info.name}"), "Model", None)
+        if model is not None:
+            out.append((info.name, _fields(model)))
+    return out
 
 
 def construct(cls: type, kwargs: dict, where: str, **fixed: Any) -> Any:
     """cls(**fixed, **kwargs), turning unknown or missing keyword arguments into UserErrors."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    fields = _fields(cls)
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         valid = ", ".join(sorted(fields - set(fixed)))

@@ -13,10 +13,18 @@ space, mapped by a 1x1 conv to max(C * sk_ratio, 32) channels, BN-ReLU, a 1x1 co
 softmax over the two branches weights their sum. Basic blocks keep plain 3x3 convs under '-sk'
 (the official code adds the selective kernel to bottlenecks only).
 
-Padding is explicit and symmetric, equal to PyTorch's: every k x k conv pads (k - 1) / 2, the
-stem max-pool is k=3, s=2, p=1 with -inf padding. Parameter names mirror torchvision's
-(`conv1`, `bn1`, `layer{s}_{i}/conv1`, `downsample_conv`), so `export_torch` is a key-by-key
-mapping; initialisation follows torchvision (He-normal fan_out convs, BN scale 1 and bias 0).
+Padding is explicit and symmetric, equal to PyTorch's: every k x k conv pads (k - 1) / 2 (but
+the CIFAR stem's), the stem max-pool is k=3, s=2, p=1 with -inf padding. Parameter names mirror
+torchvision's (`conv1`, `bn1`, `layer{s}_{i}/conv1`, `downsample_conv`), so `export_torch` is a
+key-by-key mapping; initialisation follows torchvision (He-normal fan_out convs, BN scale 1 and
+bias 0).
+
+`cifar_stem=True` is solo-learn's CIFAR setting (its `methods/base.py`, which lightly's CIFAR
+benchmarks share): the stem is one 3x3 stride-1 conv with padding 2 (as theirs, so a 32-px image
+gives 34 x 34 maps) + BN-ReLU, and no max-pool; the stages then sit at strides 1, 2, 4, 8
+(SimCLR's TF CIFAR stem pads 1 instead). `blocks` and `channels` shrink a variant for tests and
+CPU runs: blocks per stage (4 ints) and the stem's base channel count (64 in every paper, times
+the variant's width; stage s has `channels x width x 2^s` planes).
 
 Mask mode 'sparse' follows SparK (Tian et al. 2023): the image and every feature map are zeroed
 at masked positions after every conv, norm and pooling, BatchNorm statistics are taken over kept
@@ -40,6 +48,7 @@ PyTorch keeps the unbiased one (a factor n/(n-1), n = positions per channel in t
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -123,9 +132,12 @@ class _Layers(nn.Module):
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
 
-    def conv(self, x, features: int, k: int, stride: int, name: str, keep=None) -> jax.Array:
-        """k x k conv, PyTorch's symmetric padding (k - 1) / 2, no bias; masked after."""
-        p = (k - 1) // 2
+    def conv(
+        self, x, features: int, k: int, stride: int, name: str, keep=None, pad: int | None = None
+    ) -> jax.Array:
+        """k x k conv, symmetric padding `pad` (default PyTorch's (k - 1) / 2), no bias; masked
+        after."""
+        p = (k - 1) // 2 if pad is None else pad
         conv = nn.Conv(
             features,
             (k, k),
@@ -230,28 +242,54 @@ def resnet_d_pool(x: jax.Array, stride: int) -> jax.Array:
 class Model(_Layers):
     """ResNet encoder: images [B, H, W, C] -> Features (see `__call__`).
 
-    `variant` is '<depth>[x<width>][-sk]'. `zero_init_last_bn` zero-initialises each block's
-    last BN scale (Goyal et al. 2017). `bn_momentum` is flax's (0.9 = PyTorch's 0.1).
+    `variant` is '<depth>[x<width>][-sk]'. `cifar_stem` swaps the stem for solo-learn's CIFAR
+    one (3x3/1 conv, padding 2, no max-pool). `blocks` (4 ints) and `channels` override the
+    variant's blocks per stage and base channels (64). `zero_init_last_bn` zero-initialises each
+    block's last BN scale (Goyal et al. 2017). `bn_momentum` is flax's (0.9 = PyTorch's 0.1).
     """
 
     variant: str = "50"
     zero_init_last_bn: bool = False
+    cifar_stem: bool = False
+    blocks: Sequence[int] | None = None
+    channels: int | None = None
 
-    mask_modes = ("sparse",)
     mutable = ("batch_stats",)  # Flax collections written in training
     rng_streams = ()  # random streams drawn in training
 
     def __post_init__(self):
-        parse_variant(self.variant)
+        self.arch()
         if not 0.0 <= self.bn_momentum < 1.0:
             raise UserError(f"resnet: bn_momentum must be in [0, 1), got {self.bn_momentum}")
         super().__post_init__()
 
+    def arch(self) -> tuple[bool, tuple[int, ...], int, bool]:
+        """(bottleneck, blocks per stage, stem channels = first stage's planes, sk) after the
+        overrides; UserErrors for a bad variant or override."""
+        depth, width, sk = parse_variant(self.variant)
+        bottleneck, blocks = DEPTHS[depth]
+        if self.blocks is not None:
+            blocks = tuple(self.blocks)
+            if len(blocks) != 4 or not all(isinstance(n, int) and n > 0 for n in blocks):
+                raise UserError(
+                    f"resnet: blocks must be 4 positive integers (blocks per stage), "
+                    f"got {self.blocks}"
+                )
+        channels = 64 if self.channels is None else self.channels
+        if not isinstance(channels, int) or channels < 2 or channels % 2:
+            raise UserError(f"resnet: channels must be an even integer >= 2, got {self.channels}")
+        return bottleneck, blocks, channels * width, sk
+
+    @property
+    def mask_modes(self) -> tuple[str, ...]:
+        """'sparse' on the stride-32 grid; none with the CIFAR stem (stride 8, odd map sizes)."""
+        return () if self.cifar_stem else ("sparse",)
+
     @property
     def embed_dim(self) -> int:
         """Channels of the pooled output."""
-        depth, width, _ = parse_variant(self.variant)
-        return 512 * width * (4 if DEPTHS[depth][0] else 1)
+        bottleneck, _, c, _ = self.arch()
+        return 8 * c * (4 if bottleneck else 1)
 
     @nn.compact
     def __call__(
@@ -260,26 +298,28 @@ class Model(_Layers):
         """images float [B, H, W, C] -> Features.
 
         feature_maps: the 4 stage outputs [B, H/s, W/s, C_s] at strides s = 4, 8, 16, 32 (PyTorch
-          output sizes, ceil(H / s) for sizes that do not divide).
+          output sizes, ceil(H / s) for sizes that do not divide); with the CIFAR stem at
+          strides 1, 2, 4, 8 of the stem's (H + 2) x (W + 2) map.
         pooled: [B, C_4] mean of the last map (over kept positions under a mask).
-        intermediates: "stem" (the stride-2 map after the stem's last BN-ReLU, before the
-          max-pool) and "stage_1".."stage_4" (= feature_maps).
+        intermediates: "stem" (the map after the stem's last BN-ReLU, before the max-pool:
+          stride 2, or the CIFAR stem's stride 1) and "stage_1".."stage_4" (= feature_maps).
         mask mode 'sparse': value bool [B, H/32, W/32], True = masked; needs H, W divisible by 32.
         """
-        depth, width, sk = parse_variant(self.variant)
-        bottleneck, blocks = DEPTHS[depth]
+        bottleneck, blocks, c, sk = self.arch()
         keep = self._keep(images, mask)
         x = _masked(images.astype(self.dtype), keep)
-        c = 64 * width
-        if sk:  # SimCLRv2's deep stem
+        if self.cifar_stem:
+            x = self.conv(x, c, 3, 1, "conv1", pad=2)
+            x = self.norm(x, "bn1", train, relu=True)
+        elif sk:  # SimCLRv2's deep stem
             x = self.conv_bn_relu(x, c // 2, 3, 2, "stem_conv1", "stem_bn1", train, keep)
             x = self.conv_bn_relu(x, c // 2, 3, 1, "stem_conv2", "stem_bn2", train, keep)
             x = self.conv_bn_relu(x, c, 3, 1, "conv1", "bn1", train, keep)
         else:
             x = self.conv_bn_relu(x, c, 7, 2, "conv1", "bn1", train, keep)
         intermediates = {"stem": x}
-        x = max_pool(x, 3, 2, 1)
-        x = _masked(x, keep)
+        if not self.cifar_stem:
+            x = _masked(max_pool(x, 3, 2, 1), keep)
 
         maps = []
         for stage, n in enumerate(blocks):
@@ -307,7 +347,8 @@ class Model(_Layers):
         if mask.mode not in self.mask_modes:
             raise UserError(
                 f"resnet: mask mode '{mask.mode}' is not supported (supported: "
-                f"{', '.join(self.mask_modes)}); use an objective with a supported mode"
+                f"{', '.join(self.mask_modes) or 'none with cifar_stem=True'}); use an "
+                "objective with a supported mode"
             )
         b, h, w, _ = images.shape
         if h % 32 or w % 32 or mask.value.shape != (b, h // 32, w // 32):
@@ -325,14 +366,17 @@ class Model(_Layers):
 def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], dict]:
     """variables {"params", "batch_stats"} of a `Model` (host NumPy) -> (state_dict, spec).
 
-    Width 1 without SK maps onto torchvision's `resnet{18,34,50,101,152}` (timm's `resnet200`,
-    whose names match torchvision's), built with num_classes=0; anything else onto
-    `selfsup.export.resnet_torch.ResNet(depth, width, sk_ratio)`. Conv kernels go from
+    Width 1 without SK, with the ImageNet stem and the variant's blocks and channels maps onto
+    torchvision's `resnet{18,34,50,101,152}` (timm's `resnet200`, whose names match
+    torchvision's), built with num_classes=0; anything else onto
+    `selfsup.export.resnet_torch.ResNet(depth, width, sk_ratio, ...)`, which also takes
+    `cifar_stem`, `blocks` and `channels` (a CIFAR-stem ResNet's weights keep torchvision's
+    names: see that module for loading them into torchvision's model). Conv kernels go from
     [kh, kw, in, out] to OIHW; BN scale/bias/mean/var to weight/bias/running_mean/running_var,
     with num_batches_tracked 0 (int64, PyTorch's buffer dtype).
     """
     depth, width, sk = parse_variant(model.variant)
-    bottleneck, blocks = DEPTHS[depth]
+    bottleneck, blocks, c, _ = model.arch()
     params = variables["params"]
     stats = variables.get("batch_stats")
     if not stats:
@@ -361,8 +405,9 @@ def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], 
         state[f"{torch_name}.running_var"] = leaf(stats, path, "var", (c,))
         state[f"{torch_name}.num_batches_tracked"] = np.array(0, np.int64)
 
-    c = 64 * width
-    if sk:
+    if model.cifar_stem:
+        conv("conv1", "conv1", 3, c, 3)
+    elif sk:
         conv("stem_conv1", "stem_conv1", 3, c // 2, 3)
         bn("stem_bn1", "stem_bn1", c // 2)
         conv("stem_conv2", "stem_conv2", c // 2, c // 2, 3)
@@ -411,7 +456,16 @@ def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], 
     if flat != used:
         raise ValueError(f"resnet export: unmapped variables {sorted(flat - used)[:5]}")
 
-    if width == 1 and not sk:
+    overrides = {
+        k: v
+        for k, v in (
+            ("cifar_stem", model.cifar_stem),
+            ("blocks", list(blocks) if blocks != DEPTHS[depth][1] else None),
+            ("channels", model.channels if c != 64 * width else None),
+        )
+        if v
+    }
+    if width == 1 and not sk and not overrides:
         if depth == 200:  # torchvision has no resnet200; timm's uses the same names
             spec = {"library": "timm", "architecture": "resnet200"}
         else:
@@ -424,7 +478,12 @@ def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], 
         spec = {
             "library": "selfsup",
             "architecture": "resnet_torch.ResNet",
-            "kwargs": {"depth": depth, "width": width, "sk_ratio": SK_RATIO if sk else 0.0},
+            "kwargs": {
+                "depth": depth,
+                "width": width,
+                "sk_ratio": SK_RATIO if sk else 0.0,
+                **overrides,
+            },
         }
     spec["pooling"] = "avg"
     return state, spec

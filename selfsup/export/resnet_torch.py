@@ -1,5 +1,6 @@
 """PyTorch ResNet for exported selfsup ResNets that torchvision cannot express: width multipliers
-above 1 (SimCLR) and SimCLRv2's selective kernels with ResNet-D shortcuts and the deep stem.
+above 1 (SimCLR), SimCLRv2's selective kernels with ResNet-D shortcuts and the deep stem, the
+CIFAR stem, and reduced blocks or channels.
 
 Imports torch: only PyTorch users load this module. The network equals
 `selfsup.backbones.resnet.Model` (see its docstring for the architecture and its deviations from
@@ -9,6 +10,13 @@ the official TF code); parameter names are torchvision's where the structure is 
     model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
     pooled = model(images)                       # [B, C] global average of the last map
     maps = model.forward_intermediates(images)   # 4 stage maps, strides 4, 8, 16, 32
+
+A CIFAR-stem ResNet of width 1 without SK or overrides has torchvision's names and shapes, so its
+weights also load, strictly, into torchvision's model with solo-learn's two replacements:
+
+    model = torchvision.models.resnet18()
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 2, bias=False)
+    model.maxpool, model.fc = torch.nn.Identity(), torch.nn.Identity()
 """
 
 from __future__ import annotations
@@ -115,23 +123,35 @@ class Block(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet-`depth` with every channel count times `width`; sk_ratio > 0 adds SimCLRv2's
-    selective kernels (bottlenecks), ResNet-D shortcuts and the 3-conv deep stem."""
+    selective kernels (bottlenecks), ResNet-D shortcuts and the 3-conv deep stem. `cifar_stem`:
+    one 3x3/1 conv with padding 2 and no max-pool (solo-learn's CIFAR stem); `blocks` (per
+    stage) and `channels` (base channels, 64) override the depth's."""
 
-    def __init__(self, depth: int = 50, width: int = 1, sk_ratio: float = 0.0):
+    def __init__(
+        self,
+        depth: int = 50,
+        width: int = 1,
+        sk_ratio: float = 0.0,
+        cifar_stem: bool = False,
+        blocks: list[int] | None = None,
+        channels: int = 64,
+    ):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
-        bottleneck, blocks = DEPTHS[depth]
-        c = 64 * width
-        self.deep_stem = sk_ratio > 0
-        if self.deep_stem:
+        bottleneck, blocks = DEPTHS[depth][0], blocks or DEPTHS[depth][1]
+        c = channels * width
+        self.deep_stem = sk_ratio > 0 and not cifar_stem
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(3, c, 3, 1, padding=2, bias=False)
+        elif self.deep_stem:
             self.stem_conv1, self.stem_bn1 = conv(3, c // 2, 3, 2), bn(c // 2)
             self.stem_conv2, self.stem_bn2 = conv(c // 2, c // 2, 3), bn(c // 2)
             self.conv1 = conv(c // 2, c, 3)
         else:
             self.conv1 = conv(3, c, 7, 2)
         self.bn1 = bn(c)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
         cin = c
         for stage, n in enumerate(blocks):
             layer = []
@@ -143,7 +163,8 @@ class ResNet(nn.Module):
         self.num_features = cin
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """images [B, 3, H, W] -> the 4 stage outputs [B, C_s, H/s, W/s], s = 4, 8, 16, 32."""
+        """images [B, 3, H, W] -> the 4 stage outputs [B, C_s, H/s, W/s], s = 4, 8, 16, 32
+        (1, 2, 4, 8 of the (H + 2) x (W + 2) stem map with the CIFAR stem)."""
         if self.deep_stem:
             x = F.relu(self.stem_bn1(self.stem_conv1(x)))
             x = F.relu(self.stem_bn2(self.stem_conv2(x)))
