@@ -66,3 +66,33 @@ def image_grid(columns: Mapping[str, np.ndarray], pad: int = 2) -> np.ndarray:
     scale = max(1, math.ceil(128 / h))  # small images are hard to see: upscale by pixel repeat
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     return (grid * 255 + 0.5).astype(np.uint8)
+
+
+def drop_records_after(workdir: str, step: int) -> None:
+    """Remove the records of steps after `step` from `<workdir>/metrics.jsonl`: a run resumed
+    from the checkpoint of `step` logs them again. Rewritten atomically; a missing file or a
+    line that is not a record (cut short by a crash) is left as it is."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+
+    def replayed(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return (
+            isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and (record["step"] > step)
+        )
+
+    kept = [line for line in lines if not replayed(line)]
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

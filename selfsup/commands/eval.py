@@ -47,9 +47,12 @@ def evaluate_checkpoint(workdir: str, config: Any, *, step: int | None = None) -
     import jax
 
     from selfsup import checkpoint, evaluators, sharding
+    from selfsup import workdir as workdir_lib
     from selfsup.errors import UserError
 
     start = time.perf_counter()
+    if os.path.lexists(workdir):  # the record is written there at the end: fail before the work
+        workdir_lib.prepare(workdir, create=False)
     # Parameters and mutable collections (BatchNorm statistics), never the optimizer state.
     trees, meta = checkpoint.restore_tree(workdir, ("params", "model_state"), step)
     step = int(meta["step"])
