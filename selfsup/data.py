@@ -234,6 +234,18 @@ class _FolderSource:
         return _fit(image, self.image_size), int(self.labels[i])
 
 
+def _opencv_hint(record: logging.LogRecord) -> bool:
+    return "OpenCV is not installed" not in record.getMessage()
+
+
+def _quiet_opencv_hint() -> None:
+    """TFDS logs a speed hint ("OpenCV is not installed") at its first image decode: on stderr,
+    it would stand before a user's one-line error. Drop exactly that record."""
+    absl = logging.getLogger("absl")
+    if _opencv_hint not in absl.filters:
+        absl.addFilter(_opencv_hint)
+
+
 class _TfdsSource:
     """A prepared TFDS dataset in ArrayRecord format, read without TensorFlow."""
 
@@ -257,6 +269,7 @@ class _TfdsSource:
             raise UserError(f"TFDS dataset {name!r} in {where}: {err}") from None
         except NotImplementedError:  # prepared as tfrecord: no random access
             raise UserError(f"TFDS dataset {name!r} in {where} is not ArrayRecord; {how}") from None
+        _quiet_opencv_hint()
         features = builder.info.features
         if "image" not in features or "label" not in features:
             raise UserError(f"TFDS dataset {name!r} needs 'image' and 'label' features: {features}")
@@ -318,8 +331,13 @@ def build_source(data_config: Any, split: str) -> Source:
     return _BuiltinSource(get("name") or builtin_data.NAMES[0], split, size)
 
 
+_MAX_WARNINGS = 10  # per reader: a damaged dataset must not bury everything else in warnings
+_PROBE = 32  # examples read by `check_decodes`
+
+
 class _Reader:
-    """Reads examples; None for an undecodable one, remembered and warned about once."""
+    """Reads examples; None for an undecodable one, remembered and warned about once (the first
+    `_MAX_WARNINGS` of them; the rest are only counted)."""
 
     def __init__(self, source: Source):
         self.source, self._bad, self._lock = source, set(), threading.Lock()
@@ -333,9 +351,29 @@ class _Reader:
             with self._lock:
                 first = index not in self._bad
                 self._bad.add(index)
-            if first:
-                _log.warning("skipping undecodable image (index %d): %s", index, err)
+                count = len(self._bad)
+            if first and count <= _MAX_WARNINGS:
+                more = "; further ones are skipped silently" if count == _MAX_WARNINGS else ""
+                _log.warning("skipping undecodable image (index %d): %s%s", index, err, more)
             return None
+
+
+def check_decodes(source: Source, what: str) -> None:
+    """UserError unless at least one of the first `_PROBE` examples decodes: a truncated or
+    damaged data file is then reported before anything compiles, in one line."""
+    first_error = None
+    for index in range(min(len(source), _PROBE)):
+        try:
+            source[index]
+            return
+        except DecodeError as err:
+            first_error = first_error or err
+    if first_error is not None:
+        cause = str(first_error).splitlines()[0][:300]
+        raise UserError(
+            f"{what}: none of the first {min(len(source), _PROBE)} images decodes ({cause}); "
+            "the data file may be truncated or damaged: check or rebuild it"
+        )
 
 
 def first_decodable(source: Source, count: int) -> tuple[np.ndarray, int]:

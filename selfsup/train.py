@@ -179,6 +179,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
     evals = periodic.DuringTraining(config, mesh)  # checks its configs before anything compiles
 
     source = data.build_source(config.data, "train")
+    data.check_decodes(source, f"config.data ({config.data.source}) split 'train'")
     loader = data.Loader(
         source,
         config.batch_size,
@@ -338,7 +339,8 @@ def _restore_or_init(ckpt, state, config, workdir: str, is_main: bool):
 def _disk_errors(workdir: str):
     """A full disk (in a checkpoint, log or image write) as one line naming the workdir."""
     try:
-        yield
+        with workdir_lib.QuietDiskErrors():
+            yield
     except UserError:
         raise
     except Exception as e:

@@ -8,6 +8,7 @@ same directory, and `disk_error(e)` recognises a full disk or quota in an except
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
 import tempfile
@@ -99,3 +100,31 @@ def disk_error(e: BaseException) -> str | None:
                 return cause
         e = e.__cause__ or e.__context__
     return None
+
+
+class QuietDiskErrors(logging.Filter):
+    """While active, drops orbax's log records (through absl) about a full disk, each with its
+    traceback: the caller reports that in one line. Left by a full disk, it stays installed and
+    drops all of them, as orbax's background threads fail again while the process exits."""
+
+    def __init__(self):
+        super().__init__()
+        self.silenced = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.silenced:
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and disk_error(error):
+            return False
+        return not any(text in record.getMessage() for text in _DISK_TEXTS)
+
+    def __enter__(self):
+        logging.getLogger("absl").addFilter(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and disk_error(exc):
+            self.silenced = True
+        else:
+            logging.getLogger("absl").removeFilter(self)
