@@ -30,6 +30,7 @@ SMOKE = "configs/quickstart.py:smoke"
 _NOISE = (  # lines a failing run may print before its error; anything else is reported
     re.compile(r"^selfsup: params\+optimizer: "),
     re.compile(r"^\s*\d+%\|"),  # tqdm
+    re.compile(r"^\s*$"),
 )
 
 
@@ -349,3 +350,50 @@ def test_bad_input(case: Case, tmp_path: Path):
     # Nothing the user had is lost or changed (new files, e.g. an empty workdir, are allowed).
     changed = [k for k, v in before.items() if after.get(k) != v]
     assert not changed, changed
+
+
+@pytest.mark.slow
+def test_disk_full_keeps_the_previous_checkpoint_and_a_rerun_resumes(tmp_path):
+    """The save of step 4 fails with ENOSPC (injected: deterministic, no mount needed); step 2
+    stays intact, and the same command, with space again, resumes from it and finishes with the
+    loss of an uninterrupted run."""
+    args = ["train", "--config", SMOKE, "--workdir", str(tmp_path / "run")]
+    full = run_cli(args, prelude=_ENOSPC_AT_STEP_4)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[0] == "2"
+    assert "4" not in os.listdir(tmp_path / "run" / "checkpoints")
+    rerun = run_cli(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+    straight = run_cli(["train", "--config", SMOKE, "--workdir", str(tmp_path / "straight")])
+    loss = re.compile(r"done, loss (\S+)\.")
+    assert loss.search(rerun.stderr).group(1) == loss.search(straight.stderr).group(1)
+
+
+def test_processes_that_do_not_share_the_workdir_stop_with_one_line(tmp_path):
+    """Two processes of one run (launch/local.py), each given its own workdir: process 0's
+    marker is not seen by process 1, so both exit 2 naming the path, before anything trains."""
+    command = (
+        f"exec {sys.executable} -m selfsup.cli train --config {SMOKE} "
+        f"--workdir {tmp_path}/w$SELFSUP_PROCESS_ID"
+    )
+    proc = subprocess.run(
+        [sys.executable, "launch/local.py", "-n", "2", "--grace", "60", "--", "sh", "-c", command],
+        capture_output=True, text=True, cwd=REPO, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for i in range(2):
+        # gloo's own connection line (C++) aside
+        lines = [
+            line
+            for line in proc.stdout.splitlines()
+            if line.startswith(f"[{i}] ") and "[Gloo]" not in line
+        ]
+        assert len(lines) == 1, proc.stdout[-3000:]
+        assert re.search(
+            rf"selfsup: error: workdir {tmp_path}/w{i} is not shared: process\(es\) \[1\] do "
+            "not see the file process 0 wrote there",
+            lines[0],
+        ), lines
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert os.listdir(tmp_path / "w0") == [] and os.listdir(tmp_path / "w1") == []
