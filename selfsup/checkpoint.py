@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,13 @@ def _registry(state_args: tuple[type, ...]) -> ocp.handlers.DefaultCheckpointHan
 
 
 def _cause(e: BaseException) -> str:
-    """The first line of an exception, short enough for a one-line error."""
-    lines = str(e).strip().splitlines()
+    """The innermost error of `e`'s chain (orbax wraps tensorstore's, which says what is
+    wrong, in one that holds a repr of a C++ binding), first line, short enough for one line."""
+    seen = set()
+    while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    lines = re.sub(r"<bound method [^>]*>?", "", str(e)).strip().splitlines()
     text = lines[0] if lines else ""
     return f"{type(e).__name__}: {text[:200]}"
 
@@ -155,18 +161,26 @@ def _verify(step_dir: Path, meta: dict, sums: dict[str, str], prefix: str = "") 
 
 
 def _quiet_late_reads() -> None:
-    """When a restore fails, reads of the other arrays still in flight finish later and report
-    to orbax's event loop, already closed; tensorstore then writes each "RuntimeError: Event
-    loop is closed" as an unraisable exception: a traceback after the user's one-line error.
-    Drop exactly those (seen with orbax 0.12.8); everything else goes to the previous hook."""
+    """When a restore fails, orbax's reads of the other arrays are abandoned: their coroutines
+    are closed when collected (GeneratorExit), or finish later and find orbax's event loop
+    closed ("RuntimeError: Event loop is closed"). Python reports each as an unraisable
+    exception with a traceback: pages of them after the user's one-line error (seen with orbax
+    0.12.8). Drop exactly those; everything else goes to the previous hook."""
     hook = sys.unraisablehook
     if getattr(hook, "selfsup_quiet", False):
         return
 
+    def orbax_coroutine(obj) -> bool:
+        code = getattr(obj, "cr_code", None)
+        return code is not None and "orbax" in code.co_filename
+
     def quiet(unraisable):
         value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            hook(unraisable)
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        if isinstance(value, GeneratorExit | RuntimeError) and orbax_coroutine(unraisable.object):
+            return
+        hook(unraisable)
 
     quiet.selfsup_quiet = True
     sys.unraisablehook = quiet
