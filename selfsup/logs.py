@@ -69,28 +69,34 @@ def image_grid(columns: Mapping[str, np.ndarray], pad: int = 2) -> np.ndarray:
 
 
 def drop_records_after(workdir: str, step: int) -> None:
-    """Remove the records of steps after `step` from `<workdir>/metrics.jsonl`: a run resumed
-    from the checkpoint of `step` logs them again. Rewritten atomically; a missing file or a
-    line that is not a record (cut short by a crash) is left as it is."""
+    """Remove the records of steps after `step` from `<workdir>/metrics.jsonl`, which a run
+    resumed from the checkpoint of `step` logs again, and a last line cut short by a kill (the
+    next record would be appended to it). Rewritten atomically; a missing file is a new run."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = f.readlines()
 
-    def replayed(line: str) -> bool:
+    def record(line: str):
         try:
-            record = json.loads(line)
+            return json.loads(line)
         except ValueError:
-            return False
-        return (
-            isinstance(record, dict)
-            and isinstance(record.get("step"), int)
-            and (record["step"] > step)
-        )
+            return None
 
-    kept = [line for line in lines if not replayed(line)]
-    if len(kept) == len(lines):
+    kept = list(lines)
+    if kept and not kept[-1].endswith("\n"):
+        kept[-1:] = [kept[-1] + "\n"] if record(kept[-1]) is not None else []
+    kept = [
+        line
+        for line in kept
+        if not (
+            isinstance(r := record(line), dict)
+            and isinstance(r.get("step"), int)
+            and r["step"] > step
+        )
+    ]
+    if kept == lines:
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
