@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -408,3 +409,34 @@ def test_processes_that_do_not_share_the_workdir_stop_with_one_line(tmp_path):
         ), lines
     assert "Traceback" not in proc.stdout + proc.stderr
     assert os.listdir(tmp_path / "w0") == [] and os.listdir(tmp_path / "w1") == []
+
+
+@pytest.mark.slow
+def test_mae_skips_and_counts_undecodable_images_in_its_reconstruction_batch(tmp_path):
+    """Undecodable files among the first 8 (the fixed batch of reconstruction images), one of
+    them over PIL's decompression-bomb limit: MAE trains, as SimCLR does, and counts them."""
+    for c in range(2):
+        (tmp_path / "images" / f"c{c}").mkdir(parents=True)
+        for i in range(16):
+            image = np.full((16, 16, 3), 8 * i + c, np.uint8)
+            Image.fromarray(image).save(tmp_path / "images" / f"c{c}" / f"{i:02d}.png")
+    (tmp_path / "images" / "c0" / "01.png").write_bytes(b"not an image")
+    (tmp_path / "images" / "c0" / "03.png").unlink()
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="JPEG")
+    jpeg = bytearray(buffer.getvalue())
+    sof = jpeg.index(b"\xff\xc0")  # the header claims 14000 x 14000
+    jpeg[sof + 5 : sof + 9] = (14000).to_bytes(2, "big") * 2
+    (tmp_path / "images" / "c0" / "03.jpg").write_bytes(bytes(jpeg))
+    proc = run_cli([
+        "train", "--config", SMOKE, "--workdir", str(tmp_path / "w"),
+        "--config.data.source=folder", f"--config.data.path={tmp_path / 'images'}",
+        "--config.image_every_steps=2",
+    ])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    first = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["skipped_reconstruction_images"] == 2
+    assert sorted(os.listdir(tmp_path / "w" / "images")) == [
+        "reconstruction_0000002.png", "reconstruction_0000004.png",
+    ]  # fmt: skip
