@@ -324,8 +324,8 @@ class Manager:
         """Saves `state` (nested dict of global jax.Arrays) and `meta` (JSON-able dict) at `step`.
 
         Returns once the arrays are copied off the devices, so the caller may donate them;
-        the files are written in the background unless `wait`. `meta` gains `schema_version`
-        and `step`. Steps must increase.
+        the files are written in the background unless `wait`. `meta` gains `schema_version`,
+        `step` and `checksums` (see `checksums`). Steps must increase.
         """
         step = int(step)
         latest = self._mngr.latest_step()

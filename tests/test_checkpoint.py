@@ -101,7 +101,14 @@ def test_round_trip_exact(tmp_path):
     got, meta = mngr.restore(_abstract(state))
     _assert_identical(got, want)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(got))
-    assert meta == {**_META, "schema_version": checkpoint.SCHEMA_VERSION, "step": 7}
+    sums = checkpoint.numpy_checksums(want)  # one per array, on the host as on the devices
+    assert len(sums) == len(jax.tree.leaves(want))
+    assert meta == {
+        **_META,
+        "schema_version": checkpoint.SCHEMA_VERSION,
+        "step": 7,
+        "checksums": sums,
+    }
     assert checkpoint.SCHEMA_VERSION == 1
 
     # Concrete arrays (device or host) as the target give the same; the optax subtree converts back.
