@@ -19,6 +19,7 @@ intact steps named.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -127,6 +128,12 @@ def _hex(sums) -> str:
     return "{:08x}{:08x}".format(*(int(v) for v in sums))
 
 
+@functools.cache
+def _tree_sums(out_shardings):
+    # One jitted function per output sharding: its cache then holds one compilation per tree.
+    return jax.jit(lambda tree: jax.tree.map(_sums_jax, tree), out_shardings=out_shardings)
+
+
 def checksums(tree: PyTree) -> dict[str, str]:
     """{"/"-joined path: 16 hex digits} for every array of `tree` (global jax.Arrays, any
     sharding; every process gets the same result)."""
@@ -136,7 +143,7 @@ def checksums(tree: PyTree) -> dict[str, str]:
         if isinstance(mesh, jax.sharding.Mesh):  # replicated, so every process can read it
             out_shardings = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             break
-    sums = jax.jit(lambda t: jax.tree.map(_sums_jax, t), out_shardings=out_shardings)(tree)
+    sums = _tree_sums(out_shardings)(tree)
     return {k: _hex(np.asarray(v)) for k, v in _leaves_by_path(jax.device_get(sums)).items()}
 
 
