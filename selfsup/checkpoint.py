@@ -152,7 +152,7 @@ def numpy_checksums(tree: PyTree) -> dict[str, str]:
     return {k: _hex(_sums_numpy(np.asarray(v))) for k, v in _leaves_by_path(tree).items()}
 
 
-def _verify(step_dir: Path, meta: dict, sums: dict[str, str], prefix: str = "") -> None:
+def _verify(step_dir: Path, meta: dict, sums: dict[str, str]) -> None:
     """Raises DamagedCheckpoint where `sums` (of restored arrays) differ from the recorded ones.
     Checkpoints written before checksums existed have none and pass."""
     recorded = meta.get("checksums")
@@ -161,10 +161,9 @@ def _verify(step_dir: Path, meta: dict, sums: dict[str, str], prefix: str = "") 
     if not isinstance(recorded, dict):
         raise DamagedCheckpoint(step_dir, "its checksum record is not a dict")
     for key in sorted(sums):
-        want = recorded.get(prefix + key)
-        if want != sums[key]:
-            what = "has no checksum" if want is None else "does not match its checksum"
-            raise DamagedCheckpoint(step_dir, f"array {prefix + key} {what}")
+        if recorded.get(key) != sums[key]:
+            what = "has no checksum" if key not in recorded else "does not match its checksum"
+            raise DamagedCheckpoint(step_dir, f"array {key} {what}")
 
 
 def _quiet_late_reads() -> None:
