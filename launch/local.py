@@ -14,7 +14,8 @@ gloo. Every output line is prefixed with `[i] `.
 Ctrl-C or SIGTERM is passed on once to every process (they run in their own session, so the
 terminal does not signal them a second time): selfsup saves a checkpoint and exits. When a process
 fails, the others would wait for it in their next collective: they get SIGTERM after `--grace`
-seconds and SIGKILL 10 s later. The exit code is that of the first process to fail, else 0.
+seconds and SIGKILL 10 s later. The exit code is that of the first process to fail (128 + N for
+one killed by signal N, as a shell reports it), else 0; a line on stderr names that process.
 """
 
 from __future__ import annotations
@@ -102,12 +103,12 @@ def run(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, forward)
-    failure, failed_at, terminated = 0, None, False
+    failed, failed_at, terminated = None, None, False
     try:
         while None in [p.poll() for p in procs]:  # a list: poll every process each time
-            for p in procs:
-                if failure == 0 and p.returncode not in (None, 0):
-                    failure, failed_at = p.returncode, time.monotonic()
+            for i, p in enumerate(procs):
+                if failed is None and p.returncode not in (None, 0):
+                    failed, failed_at = i, time.monotonic()
             if failed_at is not None:
                 waited = time.monotonic() - failed_at
                 if waited > grace and not terminated:
@@ -121,9 +122,17 @@ def run(
             signal.signal(sig, handler)
         for thread in pumps:
             thread.join()
-    if failure == 0:
-        failure = next((p.returncode for p in procs if p.returncode), 0)
-    return failure
+    if failed is None:
+        failed = next((i for i, p in enumerate(procs) if p.returncode), None)
+    if failed is None:
+        return 0
+    code = procs[failed].returncode
+    if code < 0:  # Popen's -N for "killed by signal N"; sys.exit(-9) would exit 247
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        print(f"local.py: process {failed} was killed by {name}", file=sys.stderr)
+        return 128 - code
+    print(f"local.py: process {failed} exited with code {code}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,12 +7,22 @@ dict (schema version, step, data position, resolved config). Orbax writes each s
 crash mid-save leaves the previous checkpoints untouched and the partial directory is never
 listed as a step. A Manager deletes such leftovers when it opens (before its first save at the
 latest): open one Manager per workdir at a time. `restore_params` only reads.
+
+Orbax does not verify what it reads back (a flipped byte in an array file restores as a wrong
+value), so `meta["checksums"]` holds two 32-bit sums of every array's bits, and every restore
+compares them: a mismatch, like any unreadable file, is a `DamagedCheckpoint`.
+`Manager.restore_intact` (resuming) then falls back to the newest intact step and moves the
+damaged ones to `<workdir>/checkpoints_damaged/`; `restore_tree` (eval, export) refuses with the
+intact steps named.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,33 +55,139 @@ def _registry(state_args: tuple[type, ...]) -> ocp.handlers.DefaultCheckpointHan
 
 
 def _cause(e: BaseException) -> str:
-    """The first line of an exception, short enough for a one-line error."""
-    lines = str(e).strip().splitlines()
+    """The innermost error of `e`'s chain (orbax wraps tensorstore's, which says what is
+    wrong, in one that holds a repr of a C++ binding), first line, short enough for one line."""
+    seen = set()
+    while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    lines = re.sub(r"<bound method [^>]*>?", "", str(e)).strip().splitlines()
     text = lines[0] if lines else ""
     return f"{type(e).__name__}: {text[:200]}"
 
 
-def _unreadable(step_dir: Path, e: BaseException, steps: list[int]) -> UserError:
-    others = [s for s in steps if str(s) != step_dir.name]
-    return UserError(
-        f"checkpoint {step_dir} is damaged or unreadable ({_cause(e)}): restore another step "
-        f"(available: {others}) or move that directory away to resume from the previous one"
-    )
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files are missing, unreadable, or whose arrays fail their checksums."""
+
+    def __init__(self, step_dir: Path, cause: str, intact: list[int] | None = None):
+        self.step_dir, self.cause = step_dir, cause
+        fix = ""
+        if intact is not None:
+            fix = (
+                f"; intact steps: {intact}: pass --step with one of them"
+                if intact
+                else "; no other step is intact"
+            )
+        super().__init__(f"checkpoint {step_dir} is damaged or unreadable ({cause}){fix}")
+
+
+def _unreadable(step_dir: Path, e: BaseException) -> DamagedCheckpoint:
+    return DamagedCheckpoint(step_dir, _cause(e))
+
+
+# ----------------------------------------------------------------------------- checksums
+# Two sums mod 2^32 over an array's bits read as unsigned words w_i: sum(w_i) and
+# sum(w_i * m_i) with odd m_i = (i * 0x9E3779B1) | 1 (i: the row-major index), so any one changed
+# word, and any swap of words, changes them. Computed on the devices (jit, any sharding, every
+# process gets the replicated result) when saving and resuming, and in NumPy for host restores;
+# both give the same bits.
+_GOLDEN = 0x9E3779B1
+
+
+def _words_jax(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)  # 8 bytes: [..., 2]
+
+
+def _sums_jax(x: jax.Array) -> jax.Array:
+    w = _words_jax(x)
+    index = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(w.ndim)):  # no reshape: stays partitioned like `x`
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * np.uint32(stride)
+        stride = (stride * w.shape[axis]) % 2**32
+    mult = (index * np.uint32(_GOLDEN)) | np.uint32(1)
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * mult, dtype=jnp.uint32)])
+
+
+def _sums_numpy(x: np.ndarray) -> tuple[int, int]:
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        x = x.view(np.uint8)
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
+    w = x.reshape(-1).view(unsigned).astype(np.uint64)
+    mult = ((np.arange(w.size, dtype=np.uint64) * _GOLDEN) | 1) & 0xFFFFFFFF
+    # uint64 sums wrap mod 2^64, which keeps them exact mod 2^32.
+    return int(w.sum(dtype=np.uint64) % 2**32), int((w * mult).sum(dtype=np.uint64) % 2**32)
+
+
+def _hex(sums) -> str:
+    return "{:08x}{:08x}".format(*(int(v) for v in sums))
+
+
+@functools.cache
+def _tree_sums(out_shardings):
+    # One jitted function per output sharding: its cache then holds one compilation per tree.
+    return jax.jit(lambda tree: jax.tree.map(_sums_jax, tree), out_shardings=out_shardings)
+
+
+def checksums(tree: PyTree) -> dict[str, str]:
+    """{"/"-joined path: 16 hex digits} for every array of `tree` (global jax.Arrays, any
+    sharding; every process gets the same result)."""
+    out_shardings = None
+    for leaf in jax.tree.leaves(tree):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if isinstance(mesh, jax.sharding.Mesh):  # replicated, so every process can read it
+            out_shardings = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            break
+    sums = _tree_sums(out_shardings)(tree)
+    return {k: _hex(np.asarray(v)) for k, v in _leaves_by_path(jax.device_get(sums)).items()}
+
+
+def numpy_checksums(tree: PyTree) -> dict[str, str]:
+    """`checksums` of a tree of host arrays, computed in NumPy."""
+    return {k: _hex(_sums_numpy(np.asarray(v))) for k, v in _leaves_by_path(tree).items()}
+
+
+def _verify(step_dir: Path, meta: dict, sums: dict[str, str]) -> None:
+    """Raises DamagedCheckpoint where `sums` (of restored arrays) differ from the recorded ones.
+    Checkpoints written before checksums existed have none and pass."""
+    recorded = meta.get("checksums")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise DamagedCheckpoint(step_dir, "its checksum record is not a dict")
+    for key in sorted(sums):
+        if recorded.get(key) != sums[key]:
+            what = "has no checksum" if key not in recorded else "does not match its checksum"
+            raise DamagedCheckpoint(step_dir, f"array {key} {what}")
 
 
 def _quiet_late_reads() -> None:
-    """When a restore fails, reads of the other arrays still in flight finish later and report
-    to orbax's event loop, already closed; tensorstore then writes each "RuntimeError: Event
-    loop is closed" as an unraisable exception: a traceback after the user's one-line error.
-    Drop exactly those (seen with orbax 0.12.8); everything else goes to the previous hook."""
+    """When a restore fails, orbax's reads of the other arrays are abandoned: their coroutines
+    are closed when collected (GeneratorExit), or finish later and find orbax's event loop
+    closed ("RuntimeError: Event loop is closed"). Python reports each as an unraisable
+    exception with a traceback: pages of them after the user's one-line error (seen with orbax
+    0.12.8). Drop exactly those; everything else goes to the previous hook."""
     hook = sys.unraisablehook
     if getattr(hook, "selfsup_quiet", False):
         return
 
+    def orbax_coroutine(obj) -> bool:
+        code = getattr(obj, "cr_code", None)
+        return code is not None and "orbax" in code.co_filename
+
     def quiet(unraisable):
         value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            hook(unraisable)
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        if isinstance(value, GeneratorExit | RuntimeError) and orbax_coroutine(unraisable.object):
+            return
+        hook(unraisable)
 
     quiet.selfsup_quiet = True
     sys.unraisablehook = quiet
@@ -105,13 +221,10 @@ def _read_meta(mngr: ocp.CheckpointManager, directory: Path, step: int) -> dict:
     try:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:
-        raise _unreadable(step_dir, e, list(mngr.all_steps())) from e
+        raise _unreadable(step_dir, e) from e
     version = meta.get("schema_version") if isinstance(meta, dict) else None
     if not isinstance(version, int):
-        raise UserError(
-            f"checkpoint {step_dir} has no schema_version in its metadata: it was not written by "
-            "selfsup or is damaged; restore another step or use another workdir"
-        )
+        raise DamagedCheckpoint(step_dir, "its metadata has no schema_version")
     if version > SCHEMA_VERSION:
         raise UserError(
             f"checkpoint {step_dir} has schema_version {version}, newer than this selfsup's "
@@ -218,8 +331,8 @@ class Manager:
         """Saves `state` (nested dict of global jax.Arrays) and `meta` (JSON-able dict) at `step`.
 
         Returns once the arrays are copied off the devices, so the caller may donate them;
-        the files are written in the background unless `wait`. `meta` gains `schema_version`
-        and `step`. Steps must increase.
+        the files are written in the background unless `wait`. `meta` gains `schema_version`,
+        `step` and `checksums` (see `checksums`). Steps must increase.
         """
         step = int(step)
         latest = self._mngr.latest_step()
@@ -228,7 +341,13 @@ class Manager:
                 f"cannot save step {step} in {self.directory}: it already holds step {latest}; "
                 "resume from it (the training loop does) or use a new workdir"
             )
-        meta = {**meta, "schema_version": SCHEMA_VERSION, "step": step}
+        # Summed on the devices before `save` returns: the caller may donate `state` after.
+        meta = {
+            **meta,
+            "schema_version": SCHEMA_VERSION,
+            "step": step,
+            "checksums": checksums(state),
+        }
         json.dumps(meta)  # fail here, in the caller, rather than in the writer thread
         self._mngr.save(
             step,
@@ -264,8 +383,50 @@ class Manager:
         except UserError:
             raise
         except Exception as e:
-            raise _unreadable(step_dir, e, self.all_steps()) from e
+            raise _unreadable(step_dir, e) from e
+        _verify(step_dir, meta, checksums(restored.state))
         return restored.state, meta
+
+    def restore_intact(self, target: PyTree) -> tuple[PyTree, dict, list[DamagedCheckpoint]]:
+        """`restore(target)` of the newest intact step, for resuming a run.
+
+        Damaged newer steps are moved to `<workdir>/checkpoints_damaged/<step>` (kept for the
+        user, out of the way of the steps the run will save again) and returned, newest first.
+        Raises UserError when no step is intact, or on a mismatch with `target`.
+        """
+        damaged: list[DamagedCheckpoint] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, meta = self.restore(target, step)
+            except DamagedCheckpoint as e:
+                damaged.append(e)
+                continue
+            break
+        else:
+            newest = damaged[0]
+            raise UserError(
+                f"every checkpoint in {self.directory} is damaged (step {newest.step_dir.name}: "
+                f"{newest.cause}): move {self.directory} away to train anew"
+            )
+        if damaged:
+            self._set_aside([int(e.step_dir.name) for e in damaged])
+        return state, meta, damaged
+
+    def _set_aside(self, steps: list[int]) -> None:
+        aside = self.directory.parent / "checkpoints_damaged"
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                dest = aside / str(step)
+                n = 1
+                while dest.exists():  # never overwrite what an earlier resume set aside
+                    dest, n = aside / f"{step}.{n}", n + 1
+                os.replace(self.directory / str(step), dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("selfsup-checkpoints-set-aside")
+        self._mngr.reload()
 
     def wait(self) -> None:
         """Blocks until every pending save is committed."""
@@ -304,29 +465,47 @@ def restore_tree(
     mngr = ocp.CheckpointManager(directory, options=options, handler_registry=registry)
     try:
         step = _resolve_step(mngr, directory, step)
-        step_dir = directory / str(step)
-        meta = _read_meta(mngr, directory, step)
         try:
-            stored = mngr.item_metadata(step)["state"].tree
-        except Exception as e:
-            raise _unreadable(step_dir, e, list(mngr.all_steps())) from e
-        missing = [k for k in keys if not isinstance(stored, dict) or k not in stored]
-        if missing:
-            raise UserError(
-                f"checkpoint {step_dir} holds no {missing[0]}: pass the workdir of a training run"
-            )
-        # Orbax has nothing to read for an empty subtree; it is returned as {} below.
-        item = {
-            k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored[k])
-            for k in keys
-            if jax.tree.leaves(stored[k])
-        }
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        args = ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True)
-        try:
-            restored = mngr.restore(step, args=ocp.args.Composite(state=args)).state if item else {}
-        except Exception as e:
-            raise _unreadable(step_dir, e, list(mngr.all_steps())) from e
+            return _read_subtrees(mngr, directory, step, keys)
+        except DamagedCheckpoint as e:
+            intact = []
+            for other in sorted(mngr.all_steps()):
+                if other != step:
+                    with contextlib.suppress(DamagedCheckpoint):
+                        _read_subtrees(mngr, directory, other, keys)
+                        intact.append(other)
+            raise DamagedCheckpoint(e.step_dir, e.cause, intact) from None
     finally:
         mngr.close()
+
+
+def _read_subtrees(
+    mngr: ocp.CheckpointManager, directory: Path, step: int, keys: tuple[str, ...]
+) -> tuple[dict, dict]:
+    step_dir = directory / str(step)
+    meta = _read_meta(mngr, directory, step)
+    try:
+        stored = mngr.item_metadata(step)["state"].tree
+    except Exception as e:
+        raise _unreadable(step_dir, e) from e
+    if stored is None:
+        raise DamagedCheckpoint(step_dir, "its array metadata is missing")
+    missing = [k for k in keys if not isinstance(stored, dict) or k not in stored]
+    if missing:
+        raise UserError(
+            f"checkpoint {step_dir} holds no {missing[0]}: pass the workdir of a training run"
+        )
+    # Orbax has nothing to read for an empty subtree; it is returned as {} below.
+    item = {
+        k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored[k])
+        for k in keys
+        if jax.tree.leaves(stored[k])
+    }
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(state=args)).state if item else {}
+    except Exception as e:
+        raise _unreadable(step_dir, e) from e
+    _verify(step_dir, meta, numpy_checksums(restored))
     return {k: restored.get(k, {}) for k in keys}, meta

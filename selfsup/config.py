@@ -160,6 +160,13 @@ def resolve(config: mlc.ConfigDict, overrides: dict[str, str] | None = None) -> 
         raise UserError(f"config.compute_dtype: '{out.compute_dtype}' is not float32 or bfloat16")
     if not out.views:
         raise UserError("config.views: at least one view spec is needed")
+    for key, meaning in (
+        ("keep_checkpoints", "the number of checkpoints kept; the final one always is"),
+        ("checkpoint_every_steps", "steps between checkpoints"),
+        ("log_every_steps", "steps between metric records"),
+    ):
+        if out[key] < 1:
+            raise UserError(f"config.{key} is {out[key]}; it must be >= 1 ({meaning})")
     if out.init_from_step < 0:
         raise UserError("config.init_from_step must be >= 0 (0: the latest checkpoint)")
     if out.evaluators.every_steps < 0:

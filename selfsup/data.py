@@ -64,6 +64,8 @@ def _fit(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
     as resizing the shorter side to `size` and centre-cropping, without rounding the middle size.
     """
     if isinstance(image, np.ndarray):
+        if image.dtype == np.uint16:  # 16-bit PNGs: 65535 is white, as 255 is in 8 bits
+            image = np.round(image / 257.0).astype(np.uint8)
         if image.ndim == 2:
             image = image[..., None]
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
@@ -112,6 +114,37 @@ def _read_npz_member(path: Path, zf: zipfile.ZipFile, key: str) -> np.ndarray:
         return np.lib.format.read_array(member, allow_pickle=False)
 
 
+def _check_npz_arrays(path: Path, prefix: str, images: np.ndarray, labels: np.ndarray):
+    """Shapes and dtypes first, so each mistake gets its own error; returns labels as int [N]
+    (any integer dtype; [N, 1] is read as [N])."""
+    what = f"{path}: {prefix}images"
+    if images.dtype != np.uint8:
+        raise UserError(
+            f"{what} has dtype {images.dtype}; store uint8 pixels 0..255 "
+            "(e.g. (x * 255).round().astype(np.uint8))"
+        )
+    if images.ndim == 4 and images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
+        raise UserError(
+            f"{what} has shape {images.shape}, channels first (NCHW); store [N, H, W, 3] "
+            "(images.transpose(0, 2, 3, 1))"
+        )
+    if images.ndim not in (3, 4) or images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
+        raise UserError(f"{what} has shape {images.shape}; store [N, H, W, 3] (or [N, H, W])")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(
+            f"{path}: {prefix}labels has dtype {labels.dtype} and shape {labels.shape}; store "
+            "integer class ids of shape [N]"
+        )
+    if len(images) != len(labels):
+        raise UserError(
+            f"{what} holds {len(images)} images but {prefix}labels {len(labels)} labels; store "
+            "one label per image"
+        )
+    return labels
+
+
 def _npz_source(path: Path, split: str, size: int) -> _ArraySource:
     """`images`/`labels`, or `<split>_images`/`<split>_labels`; optional `label_names`."""
     if not path.is_file():
@@ -130,20 +163,31 @@ def _npz_source(path: Path, split: str, size: int) -> _ArraySource:
                 f"'{split}_images'/'{split}_labels' or 'images'/'labels')"
             )
         images = _read_npz_member(path, zf, prefix + "images")
-        labels = _read_npz_member(path, zf, prefix + "labels")
+        labels = _check_npz_arrays(
+            path, prefix, images, _read_npz_member(path, zf, prefix + "labels")
+        )
         if "label_names" in keys:
             num_classes = len(_read_npz_member(path, zf, "label_names"))
         else:  # over every split's labels, so train and test agree
             label_keys = [k for k in keys if k == "labels" or k.endswith("_labels")]
+            # Through int64: `max(initial=-1)` of uint8 labels (CIFAR's dtype) overflows.
             num_classes = 1 + max(
-                int(_read_npz_member(path, zf, k).max(initial=-1)) for k in label_keys
+                int(np.max(_read_npz_member(path, zf, k).astype(np.int64), initial=-1))
+                for k in label_keys
             )
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
-        raise UserError(
-            f"{path}: {prefix}images must be uint8 [N, H, W, 3] with N == len({prefix}labels); "
-            f"got {images.dtype} {images.shape} and labels {labels.shape}"
-        )
     return _ArraySource(images, labels, num_classes, size)
+
+
+# Modes of 16-bit grayscale PNGs (Pillow opens older ones as 32-bit "I"); `convert("RGB")`
+# would clip every value above 255 to white.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _sixteen_bit(image: Image.Image) -> np.ndarray:
+    pixels = np.asarray(image)
+    if image.mode == "I" and pixels.max(initial=0) <= 255:  # an 8-bit image stored wide
+        return pixels.clip(0, 255).astype(np.uint8)
+    return pixels.clip(0, 65535).astype(np.uint16)  # _fit scales it to 8 bits
 
 
 class _FolderSource:
@@ -184,10 +228,22 @@ class _FolderSource:
             with Image.open(path) as image:
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale, never below S: much cheaper.
                 image.draft("RGB", (self.image_size, self.image_size))
-                image = image.convert("RGB")
+                image = _sixteen_bit(image) if image.mode in _WIDE_MODES else image.convert("RGB")
         except Exception as err:  # PIL raises many types for bad files; all mean "undecodable"
             raise DecodeError(f"{path}: {err}") from err
         return _fit(image, self.image_size), int(self.labels[i])
+
+
+def _opencv_hint(record: logging.LogRecord) -> bool:
+    return "OpenCV is not installed" not in record.getMessage()
+
+
+def _quiet_opencv_hint() -> None:
+    """TFDS logs a speed hint ("OpenCV is not installed") at its first image decode: on stderr,
+    it would stand before a user's one-line error. Drop exactly that record."""
+    absl = logging.getLogger("absl")
+    if _opencv_hint not in absl.filters:
+        absl.addFilter(_opencv_hint)
 
 
 class _TfdsSource:
@@ -223,6 +279,12 @@ class _TfdsSource:
             self._records = builder.as_data_source(split=split)
         except ValueError as err:  # unknown split
             raise UserError(f"TFDS dataset {name!r} in {where}: {err}") from None
+        except NotImplementedError:  # prepared as tfrecord: no random access
+            raise UserError(
+                f"TFDS dataset {name!r} in {where} is not ArrayRecord; add ArrayRecord shards with "
+                f"`selfsup data convert {where}/{name} --data-dir {where}` (no TensorFlow needed)"
+            ) from None
+        _quiet_opencv_hint()
         features = builder.info.features
         if "image" not in features or "label" not in features:
             raise UserError(f"TFDS dataset {name!r} needs 'image' and 'label' features: {features}")
@@ -284,8 +346,13 @@ def build_source(data_config: Any, split: str) -> Source:
     return _BuiltinSource(get("name") or builtin_data.NAMES[0], split, size)
 
 
+_MAX_WARNINGS = 10  # per reader: a damaged dataset must not bury everything else in warnings
+_PROBE = 32  # examples read by `check_decodes`
+
+
 class _Reader:
-    """Reads examples; None for an undecodable one, remembered and warned about once."""
+    """Reads examples; None for an undecodable one, remembered and warned about once (the first
+    `_MAX_WARNINGS` of them; the rest are only counted)."""
 
     def __init__(self, source: Source):
         self.source, self._bad, self._lock = source, set(), threading.Lock()
@@ -299,9 +366,47 @@ class _Reader:
             with self._lock:
                 first = index not in self._bad
                 self._bad.add(index)
-            if first:
-                _log.warning("skipping undecodable image (index %d): %s", index, err)
+                count = len(self._bad)
+            if first and count <= _MAX_WARNINGS:
+                more = "; further ones are skipped silently" if count == _MAX_WARNINGS else ""
+                _log.warning("skipping undecodable image (index %d): %s%s", index, err, more)
             return None
+
+
+def check_decodes(source: Source, what: str) -> None:
+    """UserError unless at least one of the first `_PROBE` examples decodes: a truncated or
+    damaged data file is then reported before anything compiles, in one line."""
+    first_error = None
+    for index in range(min(len(source), _PROBE)):
+        try:
+            source[index]
+            return
+        except DecodeError as err:
+            first_error = first_error or err
+    if first_error is not None:
+        cause = str(first_error).splitlines()[0][:300]
+        raise UserError(
+            f"{what}: none of the first {min(len(source), _PROBE)} images decodes ({cause}); "
+            "the data file may be truncated or damaged: check or rebuild it"
+        )
+
+
+def first_decodable(source: Source, count: int) -> tuple[np.ndarray, int]:
+    """(uint8 [n, S, S, 3], skipped): the images of the first `count` decodable examples in index
+    order (n < count only if the split has fewer), and how many undecodable ones were skipped on
+    the way (each warned about once, as the Loader does)."""
+    reader, images, skipped = _Reader(source), [], 0
+    for index in range(len(source)):
+        if len(images) == count:
+            break
+        example = reader.get(index)
+        if example is None:
+            skipped += 1
+        else:
+            images.append(example[0])
+    if not images:
+        raise UserError(f"none of the {len(source)} images in the dataset decodes; check the data")
+    return np.stack(images), skipped
 
 
 def _collate(examples: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:

@@ -117,3 +117,34 @@ def image_grid(columns: Mapping[str, np.ndarray], pad: int = 2) -> np.ndarray:
     scale = max(1, math.ceil(128 / h))  # small images are hard to see: upscale by pixel repeat
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     return (grid * 255 + 0.5).astype(np.uint8)
+
+
+def drop_records_after(workdir: str, step: int) -> None:
+    """Remove the records of steps after `step` from `<workdir>/metrics.jsonl`, which a run
+    resumed from the checkpoint of `step` logs again, and a last line cut short by a kill (the
+    next record would be appended to it). Rewritten atomically; a missing file is a new run."""
+    path = paths.path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def record(line: str):
+        try:
+            return json.loads(line)
+        except ValueError:
+            return None
+
+    kept = list(lines)
+    if kept and not kept[-1].endswith("\n"):
+        kept[-1:] = [kept[-1] + "\n"] if record(kept[-1]) is not None else []
+    kept = [
+        line
+        for line in kept
+        if not (
+            isinstance(r := record(line), dict)
+            and isinstance(r.get("step"), int)
+            and r["step"] > step
+        )
+    ]
+    if kept != lines:
+        paths.write_text(path, "".join(kept))  # atomic on a local disk, whole on a bucket

@@ -9,6 +9,7 @@ run reproduces the uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -39,6 +40,7 @@ from selfsup import (
 )
 from selfsup import config as config_lib
 from selfsup import state as state_lib
+from selfsup import workdir as workdir_lib
 from selfsup.errors import UserError
 from selfsup.evaluators import periodic
 from selfsup.ops import global_norm
@@ -207,6 +209,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
     # A run that stops before writing anything (a config or data error) leaves no empty workdir.
     created = not paths.path(workdir).exists()
     try:
+        workdir_lib.prepare(workdir)
+        workdir_lib.check_shared(workdir)
         return _train(config, workdir, is_main)
     except BaseException:
         if created and is_main:
@@ -223,6 +227,7 @@ def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, flo
     evals = periodic.DuringTraining(config, mesh)  # checks its configs before anything compiles
 
     source = data.build_source(config.data, "train")
+    data.check_decodes(source, f"config.data ({config.data.source}) split 'train'")
     if is_main:
         print(
             f"selfsup: data: {_data_name(config.data)}: {len(source)} training images, "
@@ -256,27 +261,30 @@ def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, flo
     state = jax.jit(init, out_shardings=program.state_shardings)()
     # Read from the arrays' shardings: shrinks with the fsdp axis.
     memory_mib = sharding.bytes_per_device((state.params, state.opt_state)) / 2**20
+    first_log = {"params_optimizer_mib_per_device": memory_mib}
     if is_main:
         print(f"selfsup: params+optimizer: {memory_mib:.1f} MiB per device", file=sys.stderr)
 
-    if latest is not None:
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.to_dict()
-        )
-        restored, _ = ckpt.restore(target)
-        state = state.from_dict(restored)
-    elif config.init_from:  # a new fine-tuning run; a resumed one restored its own state above
-        state = finetune.load_backbone(state, config.init_from, config.init_from_step or None)
-    start = int(state.step)
-    if is_main:
-        if latest is not None:
-            print(f"selfsup: resuming from step {start} of {total_steps}", file=sys.stderr)
-        paths.write_text(paths.path(workdir) / "config.json", config_lib.to_json(config))
+    images = ReconstructionImages(config, model, views_fn, source, mesh)
+    try:
+        state = _restore_or_init(ckpt, state, config, is_main)
+        start = int(state.step)
+        if is_main:
+            if latest is not None:
+                print(f"selfsup: resuming from step {start} of {total_steps}", file=sys.stderr)
+            with _disk_errors(workdir):
+                paths.write_text(paths.path(workdir) / "config.json", config_lib.to_json(config))
+                # Steps after the checkpoint are about to run again: log each step once.
+                logs.drop_records_after(workdir, start)
+        writer = logs.Writer(workdir, active=is_main)
+    except BaseException:
+        ckpt.close()  # an open manager's pending work prints pages of noise at exit
+        raise
+    if images.skipped:
+        first_log["skipped_reconstruction_images"] = images.skipped
 
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = program.train_step
-    images = ReconstructionImages(config, model, views_fn, source, mesh)
-    writer = logs.Writer(workdir, active=is_main)
     meta = {"config": config.to_dict()}
     progress = tqdm(
         total=total_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True
@@ -288,10 +296,10 @@ def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, flo
     params_norm = jax.jit(global_norm, out_shardings=sharding.replicated(mesh))
     param_norm = math.nan
     stop_vote = distributed.StopVote()
-    first_log = {"params_optimizer_mib_per_device": memory_mib}
     last: dict[str, float] = {}
     batches = loader.iterate(start_step=start)
-    with SignalCatcher() as signals:
+    failed = False
+    with SignalCatcher() as signals, _disk_errors(workdir):
         try:
             for step in range(start, total_steps):
                 batch = {
@@ -338,12 +346,20 @@ def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, flo
                     if is_main:
                         progress.write(periodic.summary(done, results, evals.baseline), sys.stderr)
                     window.started += time.perf_counter() - started  # not in images/s
+        except BaseException:
+            failed = True
+            raise
         finally:
             progress.close()
             batches.close()
-            ckpt.wait()
-            ckpt.close()
-            writer.close()
+            # After a failure (a full disk: the pending save fails again here) the first error
+            # is the one to report.
+            with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+                ckpt.wait()
+            with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+                ckpt.close()
+            with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+                writer.close()
     # More than one compilation means something retraced the step (a shape or dtype changed).
     return {**last, "train_step_compilations": train_step._cache_size()}
 
@@ -355,6 +371,46 @@ def _data_name(data_config) -> str:
     if kind == "tfds" and data_config.get("data_dir"):
         where = f"{where} in {data_config.data_dir}"
     return f"{kind} {where}"
+
+
+def _restore_or_init(ckpt, state, config, is_main: bool):
+    """The newest intact checkpoint's state (damaged newer ones are set aside, said in one
+    line), else the fine-tuning initialisation, else `state` as built."""
+    if ckpt.latest_step() is not None:
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.to_dict()
+        )
+        restored, meta, damaged = ckpt.restore_intact(target)
+        if damaged and is_main:
+            steps = [int(e.step_dir.name) for e in damaged]
+            print(
+                f"selfsup: checkpoint step(s) {steps} in {ckpt.directory} are damaged "
+                f"({damaged[0].cause}); moved to {ckpt.directory.parent / 'checkpoints_damaged'}, "
+                f"resuming from step {meta['step']}",
+                file=sys.stderr,
+            )
+        return state.from_dict(restored)
+    if config.init_from:  # a new fine-tuning run; a resumed one restored its own state above
+        return finetune.load_backbone(state, config.init_from, config.init_from_step or None)
+    return state
+
+
+@contextlib.contextmanager
+def _disk_errors(workdir: str):
+    """A full disk (in a checkpoint, log or image write) as one line naming the workdir."""
+    try:
+        with workdir_lib.QuietDiskErrors():
+            yield
+    except UserError:
+        raise
+    except Exception as e:
+        cause = workdir_lib.disk_error(e)
+        if cause is None:
+            raise
+        raise UserError(
+            f"cannot write to workdir {paths.path(workdir)}: {cause}; free space there, then "
+            "run the same command to resume from the last checkpoint"
+        ) from None
 
 
 def _last_good(ckpt, workdir: str) -> str:
@@ -422,12 +478,12 @@ class ReconstructionImages:
 
     def __init__(self, config, model, views_fn, source, mesh):
         self.enabled = objectives.contract(model).reconstructs and config.num_images > 0
-        self.every = config.image_every_steps
+        self.every, self.skipped = config.image_every_steps, 0
         if not self.enabled:
             return
         display_fn, self.mean, self.std = display_view(config.views[0], config.data.image_size)
-        count = min(config.num_images, len(source))
-        host = np.stack([source[i][0] for i in range(count)])
+        # Undecodable images are skipped and counted, as in the training batches.
+        host, self.skipped = data.first_decodable(source, config.num_images)
         self.images = jax.device_put(host, sharding.replicated(mesh))
         key = jax.random.key(config.seed)
 

@@ -1,6 +1,8 @@
 """Checkpoints: exact round trips, retention, async saves, resharding, errors, crash safety."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +21,17 @@ from selfsup.errors import UserError
 
 # A failed restore leaves orbax's other tensorstore reads in flight; when they finish (during a
 # later test, too) their callbacks find orbax's event loop closed and Python reports that.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:(?s).*Event loop is closed:pytest.PytestUnraisableExceptionWarning"
-)
+# Abandoned reads of the other arrays are closed when collected (GeneratorExit). The CLI drops
+# both reports (checkpoint._quiet_late_reads); pytest installs its own hook while a test runs.
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:(?s).*Event loop is closed:pytest.PytestUnraisableExceptionWarning"
+    ),
+    pytest.mark.filterwarnings(
+        "ignore:(?s).*(GeneratorExit|coroutine ignored):pytest.PytestUnraisableExceptionWarning"
+    ),
+    pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning"),
+]
 
 _ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
@@ -91,7 +101,14 @@ def test_round_trip_exact(tmp_path):
     got, meta = mngr.restore(_abstract(state))
     _assert_identical(got, want)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(got))
-    assert meta == {**_META, "schema_version": checkpoint.SCHEMA_VERSION, "step": 7}
+    sums = checkpoint.numpy_checksums(want)  # one per array, on the host as on the devices
+    assert len(sums) == len(jax.tree.leaves(want))
+    assert meta == {
+        **_META,
+        "schema_version": checkpoint.SCHEMA_VERSION,
+        "step": 7,
+        "checksums": sums,
+    }
     assert checkpoint.SCHEMA_VERSION == 1
 
     # Concrete arrays (device or host) as the target give the same; the optax subtree converts back.
@@ -383,3 +400,163 @@ def test_restore_onto_other_meshes(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def test_checksums_on_devices_equal_numpy_and_see_one_flipped_bit():
+    tree = {
+        "f32": jnp.asarray(np.random.default_rng(0).standard_normal((5, 7)), jnp.float32),
+        "bf16": jnp.asarray(np.random.default_rng(1).standard_normal(9), jnp.bfloat16),
+        "i32": jnp.arange(-6, 6, dtype=jnp.int32).reshape(3, 4),
+        "u8": jnp.arange(200, dtype=jnp.uint8),
+        "bool": jnp.asarray([True, False, True]),
+        "scalar": jnp.asarray(3, jnp.int32),
+    }
+    on_devices = checkpoint.checksums(tree)
+    assert on_devices == checkpoint.numpy_checksums(jax.tree.map(np.asarray, tree))
+    assert len(set(on_devices.values())) == len(tree)
+    for key, value in jax.tree.map(np.asarray, tree).items():
+        flipped = value.copy().reshape(-1)
+        flipped.view(np.uint8)[flipped.nbytes // 2] ^= 1
+        swapped = value.reshape(-1)[::-1].copy()  # same words, other order
+        assert checkpoint.numpy_checksums({key: flipped})[key] != on_devices[key], key
+        if value.size > 1 and not np.array_equal(swapped, value.reshape(-1)):
+            assert checkpoint.numpy_checksums({key: swapped})[key] != on_devices[key], key
+
+
+def _big_state(v: int) -> dict:
+    # Large enough that tensorstore stores the raw values (small chunks may be inlined).
+    rng = np.random.default_rng(v)
+    return {
+        "step": jnp.asarray(v, jnp.int32),
+        "params": {"w": jnp.asarray(rng.standard_normal((128, 128)), jnp.float32)},
+        "opt_state": {"mu": jnp.asarray(rng.standard_normal((128, 64)), jnp.float32)},
+        "model_state": {},
+    }
+
+
+def _flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+
+
+_DAMAGES = {
+    "flip": _flip_middle,
+    "truncate": _truncate,
+    "delete": lambda p: p.unlink(),
+}
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("two_steps")
+    mngr = checkpoint.Manager(workdir)
+    mngr.save(2, _big_state(2), {}, wait=True)
+    mngr.save(4, _big_state(4), {}, wait=True)
+    mngr.close()
+    return workdir
+
+
+def test_every_file_of_a_checkpoint_damaged_in_turn_is_never_restored_as_good(two_steps, tmp_path):
+    """Each file of step 4 flipped, truncated or deleted in turn: every restore (the loop's, the
+    host reader's, the resume fallback) gives step 4's exact values or says it is damaged; never
+    other values. The raw array files must be caught."""
+    files = sorted(p.relative_to(two_steps) for p in (two_steps / "checkpoints" / "4").rglob("*"))
+    files = [f for f in files if (two_steps / f).is_file()]
+    assert len(files) >= 8, files
+    want = {4: jax.tree.map(np.asarray, _big_state(4)), 2: jax.tree.map(np.asarray, _big_state(2))}
+    caught = set()
+    for n, (relative, (how, damage)) in enumerate(
+        (f, d) for f in files for d in sorted(_DAMAGES.items())
+    ):
+        workdir = tmp_path / str(n)
+        shutil.copytree(two_steps, workdir)
+        damage(workdir / relative)
+        target = _abstract(_big_state(4))
+        try:
+            got, _ = checkpoint.Manager(workdir).restore(target, step=4)
+            _assert_identical(got, want[4])
+        except checkpoint.DamagedCheckpoint as e:
+            assert "checkpoints/4 is damaged" in str(e), e
+            caught.add((str(relative), how))
+        try:
+            trees, _ = checkpoint.restore_tree(workdir, ("params", "opt_state"), step=4)
+            _assert_identical(trees["params"], want[4]["params"])
+            _assert_identical(trees["opt_state"], want[4]["opt_state"])
+        except checkpoint.DamagedCheckpoint as e:
+            assert "intact steps: [2]" in str(e), e
+        mngr = checkpoint.Manager(workdir)
+        got, meta, damaged = mngr.restore_intact(target)
+        _assert_identical(got, want[meta["step"]])
+        assert (meta["step"] == 2) == bool(damaged), (relative, how)
+        mngr.close()
+    data_files = {str(f) for f in files if f.parent.name == "d"}
+    largest = max(data_files, key=lambda f: (two_steps / f).stat().st_size)
+    assert {(largest, how) for how in _DAMAGES} <= caught, sorted(caught)
+
+
+def test_resume_falls_back_to_the_newest_intact_step_and_sets_damaged_ones_aside(
+    two_steps, tmp_path
+):
+    shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
+    step_dir = tmp_path / "checkpoints" / "4"
+    largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    damaged_bytes = (_flip_middle(largest), largest.read_bytes())[1]
+    mngr = checkpoint.Manager(tmp_path)
+    got, meta, damaged = mngr.restore_intact(_abstract(_big_state(4)))
+    _assert_identical(got, jax.tree.map(np.asarray, _big_state(2)))
+    assert meta["step"] == 2 and [e.step_dir for e in damaged] == [step_dir]
+    assert "does not match its checksum" in damaged[0].cause
+    # Kept for the user, byte for byte, out of the way of the step the run saves again.
+    moved = tmp_path / "checkpoints_damaged" / "4" / largest.relative_to(step_dir)
+    assert moved.read_bytes() == damaged_bytes
+    assert mngr.all_steps() == [2]
+    mngr.save(4, _big_state(4), {}, wait=True)
+    assert mngr.all_steps() == [2, 4]
+    mngr.close()
+    # With every step damaged there is nothing to resume from: one error, nothing moved.
+    for step in ("2", "4"):
+        d = tmp_path / "checkpoints" / step
+        _flip_middle(max((p for p in d.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size))
+    with pytest.raises(UserError, match="every checkpoint in .* is damaged"):
+        checkpoint.Manager(tmp_path).restore_intact(_abstract(_big_state(4)))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+@pytest.mark.slow
+def test_cli_resume_from_a_damaged_latest_checkpoint(tmp_path):
+    """`selfsup train` on a workdir whose latest checkpoint has flipped bytes: one line names it
+    and the step resumed from; the run ends as an uninterrupted one, with one metrics record
+    per step; the damaged directory is kept under checkpoints_damaged/."""
+    env = {**_ENV, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    def train(workdir, *more):
+        return subprocess.run(
+            [sys.executable, "-m", "selfsup.cli", "train", "--config",
+             "configs/quickstart.py:smoke", "--workdir", str(workdir), *more],
+            capture_output=True, text=True, env=env, timeout=600,
+            cwd=Path(__file__).resolve().parent.parent,
+        )  # fmt: skip
+
+    first = train(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    want = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    step_dir = tmp_path / "checkpoints" / "4"
+    files = [p for p in step_dir.rglob("*") if p.is_file()]
+    _flip_middle(max(files, key=lambda p: p.stat().st_size))
+    resumed = train(tmp_path)  # the same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = [line for line in resumed.stderr.splitlines() if "are damaged" in line]
+    assert len(said) == 1 and f"[4] in {tmp_path / 'checkpoints'} are damaged" in said[0], said
+    assert said[0].endswith("resuming from step 2"), said
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    assert os.listdir(tmp_path / "checkpoints_damaged") == ["4"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == [r["loss"] for r in want]
+    # The step saved again is intact.
+    trees, _ = checkpoint.restore_tree(tmp_path, ("params", "opt_state"))

@@ -471,3 +471,78 @@ def test_builtin_defeats_raw_pixel_linear_probes_but_not_shape_features(shapes):
     spectral = _ridge_accuracy(_spectrum(train_x), train_y, _spectrum(test_x), test_y, 100.0)
     assert 0.1 < raw < 0.4  # chance is 0.1
     assert spectral > 0.85 and spectral > raw + 0.4
+
+
+# ----------------------------------------------------------------------------- issue 27
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint32, np.int64])
+@pytest.mark.parametrize("column", [False, True])
+def test_npz_labels_of_any_integer_dtype_and_n_by_1(tmp_path, dtype, column):
+    labels = (np.arange(12) % 10).astype(dtype)  # no label_names: the classes are counted
+    np.savez(
+        tmp_path / "d.npz",
+        images=id_images(np.arange(12), 8),
+        labels=labels[:, None] if column else labels,
+    )
+    source = data.build_source(
+        {"source": "npz", "path": str(tmp_path / "d.npz"), "image_size": 8}, "train"
+    )
+    assert source.num_classes == 10
+    assert [source[i][1] for i in range(12)] == list(range(10)) + [0, 1]
+    assert all(type(source[i][1]) is int for i in range(3))
+
+
+def _sixteen_bit_png(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_sixteen_bit_pngs_are_scaled_to_eight_bits(tmp_path):
+    want = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4  # 0..252
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(_sixteen_bit_png(want.astype(np.uint16) * 257))
+    assert Image.open(tmp_path / "a" / "x.png").mode.startswith("I")  # a 16-bit image indeed
+    source = data.build_source({"source": "folder", "path": str(tmp_path), "image_size": 8}, "x")
+    image, _ = source[0]
+    np.testing.assert_array_equal(image, np.repeat(want[..., None], 3, axis=-1))
+    # The same through an array source (TFDS hands over uint16 arrays for 16-bit images).
+    np.testing.assert_array_equal(data._fit(want.astype(np.uint16) * 257, 8)[..., 0], want)
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose header claims width x height: PIL refuses it on opening as a
+    decompression bomb (over twice Image.MAX_IMAGE_PIXELS), as it would a real 14000 x 14000."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="JPEG")
+    jpeg = bytearray(buffer.getvalue())
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(jpeg)
+
+
+def test_the_first_decodable_images_skip_and_count_bad_ones(tmp_path, caplog):
+    (tmp_path / "a").mkdir()
+    for i in range(6):
+        (tmp_path / "a" / f"{i}.png").write_bytes(png_bytes(id_images(np.array([i]), 8)[0]))
+    (tmp_path / "a" / "1.png").write_bytes(b"not an image")
+    (tmp_path / "a" / "3.png").unlink()
+    (tmp_path / "a" / "3.jpg").write_bytes(_jpeg_claiming(14000, 14000))
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "a" / "3.jpg")
+    source = data.build_source({"source": "folder", "path": str(tmp_path), "image_size": 8}, "x")
+    caplog.set_level(logging.WARNING)
+    images, skipped = data.first_decodable(source, 3)
+    assert skipped == 2 and images.shape == (3, 8, 8, 3)
+    np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 2, 4])
+    assert sum("3.jpg" in r.getMessage() for r in caplog.records) == 1
+    data.check_decodes(source, "x")  # some decode: no error
+    for i in (0, 2, 4, 5):
+        (tmp_path / "a" / f"{i}.png").write_bytes(b"truncated")
+    with pytest.raises(
+        UserError, match="none of the first 6 images decodes .*truncated or damaged"
+    ):
+        data.check_decodes(source, "x")
+    with pytest.raises(UserError, match="none of the 6 images"):
+        data.first_decodable(source, 3)

@@ -254,5 +254,5 @@ def test_export_imports_no_torch_and_corrupt_checkpoint_exits_2(tmp_path, smoke_
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "damaged or unreadable" in proc.stderr and "available: [2]" in proc.stderr
+    assert "damaged or unreadable" in proc.stderr and "intact steps: [2]" in proc.stderr
     assert (tmp_path / "out" / "model.safetensors").exists()

@@ -74,6 +74,19 @@ def test_local_stops_the_others_when_one_fails():
     assert time.monotonic() - start < 30  # the sleeping process was stopped, not waited for
 
 
+def test_local_passes_on_a_killed_workers_code_and_names_it():
+    # Process 1 is SIGKILLed (as the kernel's OOM killer does); process 0 would go on waiting.
+    code = "import os, signal, time\nif os.environ['SELFSUP_PROCESS_ID'] == '1':\n"
+    code += "    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(600)"
+    proc = _launch("local.py", "-n", "2", "--grace", "0.5", "--", sys.executable, "-c", code)
+    assert proc.returncode == 128 + signal.SIGKILL, proc.stderr  # 137, as a shell says it
+    assert proc.stderr.splitlines()[-1] == "local.py: process 1 was killed by SIGKILL"
+    code = "import os, sys\nsys.exit(5 if os.environ['SELFSUP_PROCESS_ID'] == '0' else 0)"
+    proc = _launch("local.py", "-n", "2", "--", sys.executable, "-c", code)
+    assert proc.returncode == 5
+    assert proc.stderr.splitlines()[-1] == "local.py: process 0 exited with code 5"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_local_passes_a_signal_on_once_to_every_process(tmp_path, sig):
     # Each process counts the signals it receives, then exits like selfsup does (128 + signum).

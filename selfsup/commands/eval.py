@@ -12,6 +12,7 @@ evaluator, checkpoint step, the exact protocol (every hyperparameter, data and v
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -45,9 +46,12 @@ def evaluate_checkpoint(workdir: str, config: Any, *, step: int | None = None) -
     import jax
 
     from selfsup import checkpoint, evaluators, paths, sharding
+    from selfsup import workdir as workdir_lib
     from selfsup.errors import UserError
 
     start = time.perf_counter()
+    if paths.is_url(workdir) or os.path.lexists(workdir):  # the record is written there at the end
+        workdir_lib.prepare(workdir, create=False)
     # Parameters and mutable collections (BatchNorm statistics), never the optimizer state.
     trees, meta = checkpoint.restore_tree(workdir, ("params", "model_state"), step)
     step = int(meta["step"])
