@@ -109,6 +109,7 @@ def evaluate_checkpoint(
     variables = evaluators.backbone_variables(trees["params"], trees["model_state"])
     _check_matches(backbone, example, variables, backbone_config, train_config["backbone"])
 
+    variables = evaluators.with_head(variables, trees["params"])  # for `classifier`
     mesh = sharding.make_mesh(config.mesh)
     variables = jax.device_put(variables, sharding.replicated(mesh))
     evaluator = evaluators.build(config, encode_fn, mesh=mesh)

@@ -23,8 +23,15 @@ def run(args, overrides: dict[str, str]) -> int:
         print(f"selfsup: {e}", file=sys.stderr)
         return 128 + e.signum
     if "loss" in result:
+        # The last evaluation's test top-1s (a fine-tuning run's classifier, a probe) end the line.
+        top1 = "".join(
+            f", {key[5:-5]} top-1 {100 * value:.1f}%"
+            for key, value in result.items()
+            if key.startswith("eval/") and key.endswith("/top1")
+        )
         print(
-            f"selfsup: done, loss {result['loss']:.4f}. Logs: tensorboard --logdir {args.workdir}",
+            f"selfsup: done, loss {result['loss']:.4f}{top1}. Logs: tensorboard --logdir "
+            f"{args.workdir}",
             file=sys.stderr,
         )
     return 0

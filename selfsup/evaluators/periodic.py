@@ -11,7 +11,8 @@ state's `backbone`, on the training mesh, with no checkpoint round trip. An eval
 of a multi-process run takes part (feature extraction is sharded like training); the loop's
 writer logs the results as `eval/<label>/<metric>` (metrics.jsonl and TensorBoard). With
 `random_init`, the same evaluators also run once on the backbone at random initialisation (the
-baseline pretraining must beat), logged beside them as `random_init/<label>/<metric>`.
+baseline pretraining must beat), logged beside them as `random_init/<label>/<metric>`. The
+`classifier` evaluator reads the run's own head (`params["head"]`, fine-tuning's) as well.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class DuringTraining:
     def run(self, step: int, params: Any, model_state: Any, *, at_end: bool) -> dict[str, float]:
         """{"eval/<label>/<metric>": value, ...} (plus "random_init/..." the first time, with
         `random_init`) for the backbone in `params` / `model_state` (the objective's)."""
-        variables = evaluators.backbone_variables(params, model_state)
+        variables = evaluators.with_head(evaluators.backbone_variables(params, model_state), params)
         results = evaluators.run_all(
             self.configs,
             self.encode_fn,
@@ -62,9 +63,9 @@ class DuringTraining:
         )
         out = {f"eval/{k}": v for k, v in results.items()}
         if self.random_init and self.baseline is None:
-            self.baseline = evaluators.at_random_init(
-                self.configs, self.train_config, mesh=self.mesh
-            )
+            # A random head says nothing: the classifier evaluator has no baseline.
+            probes = [c for c in self.configs if c.name != "classifier"]
+            self.baseline = evaluators.at_random_init(probes, self.train_config, mesh=self.mesh)
             out.update({f"random_init/{k}": v for k, v in self.baseline.items()})
         return out
 
