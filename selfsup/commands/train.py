@@ -15,6 +15,7 @@ def add_arguments(parser) -> None:
 def run(args, overrides: dict[str, str]) -> int:
     from selfsup import config as config_lib
     from selfsup import train
+    from selfsup.evaluators import periodic
 
     config = config_lib.resolve(config_lib.load(args.config), overrides)
     try:
@@ -23,12 +24,10 @@ def run(args, overrides: dict[str, str]) -> int:
         print(f"selfsup: {e}", file=sys.stderr)
         return 128 + e.signum
     if "loss" in result:
-        # The last evaluation's test top-1s (a fine-tuning run's classifier, a probe) end the line.
-        top1 = "".join(
-            f", {key[5:-5]} top-1 {100 * value:.1f}%"
-            for key, value in result.items()
-            if key.startswith("eval/") and key.endswith("/top1")
-        )
+        # The last evaluation's test top-1s (a probe beside its random-init baseline, a
+        # fine-tuned classifier) end the line.
+        top1 = periodic.top1_text(result)
+        top1 = f", {top1}" if top1 else ""
         print(
             f"selfsup: done, loss {result['loss']:.4f}{top1}. Logs: tensorboard --logdir "
             f"{args.workdir}",

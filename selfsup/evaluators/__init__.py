@@ -9,7 +9,7 @@ An evaluator config is flat. The keys every evaluator has (`COMMON`):
 
   name           the module ("linear_probe", "knn", "attentive_probe", "classifier": the run's
                  own head on the test split, for fine-tuning)
-  label          result prefix and JSON file name (`eval_<label>.json`); "" = name
+  label          result prefix and JSON file name (`eval/<label>_step<N>.json`); "" = name
   data           `config.data` keys (source, name, path, data_dir, image_size); None = the
                  pretraining run's value
   train_split / test_split, train_limit / test_limit (0 = all; else a fixed random subset)

@@ -72,14 +72,21 @@ class DuringTraining:
 
 def summary(step: int, results: dict[str, float], baseline: dict[str, float] | None) -> str:
     """One line: each evaluator's top-1 (test split), with the random-init baseline if any."""
+    base = {f"random_init/{k}": v for k, v in (baseline or {}).items()}
+    return f"selfsup: step {step} evaluation: {top1_text({**results, **base})}"
+
+
+def top1_text(results: dict[str, float]) -> str:
+    """ "<label> top-1 X% (random init Y%), ..." from "eval/<label>/top1" and
+    "random_init/<label>/top1" entries; "" when there are none."""
     parts = []
     for key, value in results.items():
         if not (key.startswith("eval/") and key.endswith("/top1")):
             continue
         label = key[len("eval/") : -len("/top1")]
         text = f"{label} top-1 {100 * value:.1f}%"
-        base = (baseline or {}).get(f"{label}/top1")
+        base = results.get(f"random_init/{label}/top1")
         if base is not None:
             text += f" (random init {100 * base:.1f}%)"
         parts.append(text)
-    return f"selfsup: step {step} evaluation: {', '.join(parts)}"
+    return ", ".join(parts)
