@@ -1,7 +1,8 @@
 """Evaluators of frozen features: one file per protocol (linear_probe, knn, attentive_probe).
 
 An evaluator module `selfsup.evaluators.<name>` has `defaults()` (its own config keys) and
-`Evaluator(encode_fn, config, *, mesh)`, whose `run(params)` yields `(name, value)` pairs.
+`Evaluator(encode_fn, config, *, mesh)`, whose `run(params)` yields `(name, value)` pairs and
+leaves in `Evaluator.data` what each split held (`features.describe`: split, images, classes).
 `encode_fn(params, images) -> Features` is the frozen backbone; the evaluator reads its own data.
 Evaluators never see the objective. Adding one is adding one file.
 
