@@ -79,7 +79,7 @@ def delivered(source, batch_size: int, batches: int) -> float:
 
 
 def consumed_quickstart() -> float:
-    """Images/s of the quickstart step (MAE, small ViT, 32 px) when no figure is given."""
+    """Images/s of the quickstart step (SimCLR, small ViT, 32 px) when no figure is given."""
     config = common.small_config("configs/quickstart.py", image_size=32, batch_size=128)
     step = common.library_step(config)
     step.run(1)

@@ -16,8 +16,9 @@ top-1 on the validation set (not reproduced with selfsup: no run at this scale h
 Deviations from MAE: RandAugment (rand-m9-mstd0.5-inc1) and random erasing (0.25) are not in our
 augmentation set and are left out; the pooled feature is the mean of the tokens after the final
 LayerNorm (MAE: the mean of the tokens before a separate `fc_norm`); mixup pairs are taken over
-the global batch. The loop logs train loss and accuracy only: validation top-1 of the fine-tuned
-classifier is not measured here.
+the global batch. At the end the fine-tuned classifier's top-1 and top-5 on the validation split
+are logged (eval/classifier/..., metrics.jsonl and TensorBoard) and printed on the last line;
+`--config.evaluators.every_steps=N` also measures them every N steps.
 Variant `smoke` fine-tunes configs/mae_vit_in1k.py:smoke's backbone on the built-in dataset in
 seconds (from random initialisation unless `init_from` is given).
 """
@@ -70,6 +71,8 @@ def get_config(arg=None):
         schedule="cosine",
         min_lr=1e-6,
     )
+    # The fine-tuned head on the validation split (selfsup.evaluators.classifier).
+    c.evaluators = dict(at_end=True, run=(dict(name="classifier", test_split="validation"),))
     if arg.smoke:
         c.batch_size = 16
         c.total_epochs = 0.0
@@ -84,4 +87,5 @@ def get_config(arg=None):
         )
         c.optim.warmup_epochs = 0.0
         c.optim.warmup_steps = 1
+        c.evaluators = dict(at_end=True, run=(dict(name="classifier", test_limit=64),))
     return c

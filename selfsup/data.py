@@ -11,6 +11,10 @@ Config keys (`config.data`, a ConfigDict or dict):
   data_dir:    tfds data_dir (local; nothing is downloaded)
   path:        the .npz file or the image folder
   image_size:  S: images are resized so the shorter side is S, then centre-cropped to S x S
+
+An npz or folder without a split of its own (`images`/`labels`; `path/<class>/<image>`) is never
+evaluated on the images it trains on: its "train" split is all but a fixed 10% of each class and
+its "test" split that 10% (`holdout`); give `<split>_images` or `path/<split>/` to choose your own.
 """
 
 from __future__ import annotations
@@ -335,10 +339,15 @@ def build_source(data_config: Any, split: str) -> Source:
     size = int(size)
     if kind in ("npz", "folder") and not get("path"):
         raise UserError(f"config.data.path is not set; source {kind!r} reads from it")
-    if kind == "npz":
-        return _npz_source(Path(get("path")).expanduser(), split, size)
-    if kind == "folder":
-        return _FolderSource(Path(get("path")).expanduser(), split, size)
+    if kind in ("npz", "folder"):
+        path = Path(get("path")).expanduser()
+        if kind == "npz":
+            source = _npz_source(path, split, size)
+            own = _has_split(kind, path, split)
+        else:  # checked first: a split layout without this split must not read path/ itself
+            own = _has_split(kind, path, split)
+            source = _FolderSource(path, split, size)
+        return source if own else holdout(source, split, path)
     if kind == "tfds":
         if not get("name"):
             raise UserError("config.data.name is not set; give the TFDS dataset name")
@@ -348,6 +357,74 @@ def build_source(data_config: Any, split: str) -> Source:
 
 _MAX_WARNINGS = 10  # per reader: a damaged dataset must not bury everything else in warnings
 _PROBE = 32  # examples read by `check_decodes`
+# ---------------------------------------------------------------------------------------------
+# Sources without a test split: a fixed part of each class is held out as "test".
+
+HOLDOUT_FRACTION = 0.1
+_HOLDOUT_SEED = 20260  # fixed: the held-out images never depend on config.seed
+
+
+def _has_split(kind: str, path: Path, split: str) -> bool:
+    """Whether the npz / folder at `path` has its own `split` (`<split>_images`, `path/<split>/`).
+    UserError for a folder with split subfolders but not this one."""
+    if kind == "npz":
+        with zipfile.ZipFile(path) as zf:
+            return f"{split}_images.npy" in zf.namelist()
+    if (path / split).is_dir():
+        return True
+    if (path / "train").is_dir():
+        found = sorted(e.name for e in os.scandir(path) if e.is_dir() and e.name[0] != ".")
+        raise UserError(
+            f"{path} has split folders ({', '.join(found)}) but no {split}/; add "
+            f"{path / split}/<class>/<images>, or evaluate on another split (e.g. "
+            f"--config.test_split={found[-1]})"
+        )
+    return False
+
+
+def holdout_mask(labels: np.ndarray, fraction: float = HOLDOUT_FRACTION) -> np.ndarray:
+    """bool [N], True for the held-out rows: in each class of n rows, round(fraction * n) of them
+    (at least 1 when n >= 2), picked by a permutation seeded with (class, n) only, so the same
+    files are held out in every run, whatever the seed or the other classes."""
+    labels = np.asarray(labels)
+    held = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        n = len(rows)
+        k = min(max(1, round(fraction * n)), n - 1) if n >= 2 else 0
+        order = np.random.default_rng([_HOLDOUT_SEED, int(c), n]).permutation(n)
+        held[rows[order[:k]]] = True
+    return held
+
+
+class HeldOut:
+    """The train or test part of a source that has no test split (see `holdout`)."""
+
+    def __init__(self, source: Source, rows: np.ndarray, description: str):
+        self.source, self.rows, self.description = source, rows, description
+        self.num_classes, self.image_size = source.num_classes, source.image_size
+        self.labels = np.asarray(source.labels)[rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.source[int(self.rows[i])]
+
+
+def holdout(source: Source, split: str, path: Any) -> HeldOut:
+    """Split "train" or "test" of a source without one (an npz of `images`/`labels`, a folder
+    of `<class>/<image>`): "test" is `holdout_mask` of its labels (10% of each class), "train"
+    the rest, so pretraining never sees the images evaluation reports on."""
+    if split not in ("train", "test"):
+        raise UserError(
+            f"{path} has no split {split!r}: without splits of its own, its 'train' is 90% of "
+            f"each class and 'test' the other 10%; use those, or provide {split} separately"
+        )
+    held = holdout_mask(source.labels)
+    rows = np.flatnonzero(held if split == "test" else ~held)
+    part = "held out from 'train'" if split == "test" else "less the 10% of each class held out"
+    return HeldOut(source, rows, f"{len(rows)} of the {len(held)} images of {path} ({part})")
 
 
 class _Reader:

@@ -42,10 +42,10 @@ def ids_of(batch: dict) -> np.ndarray:
 
 
 def id_source(tmp_path: Path, n: int = 37, size: int = 4) -> data.Source:
-    """An npz source of n examples whose label is id % 5."""
+    """An npz source of n examples whose label is id % 5 (a train split of its own: all n)."""
     ids = np.arange(n)
     path = tmp_path / "ids.npz"
-    np.savez(path, images=id_images(ids, size), labels=ids % 5)
+    np.savez(path, train_images=id_images(ids, size), train_labels=ids % 5)
     return data.build_source({"source": "npz", "path": str(path), "image_size": size}, "train")
 
 
@@ -142,15 +142,15 @@ def test_loader_rejects_bad_batch_sizes(tmp_path):
 def test_undecodable_images_are_replaced_by_the_next_in_order_and_counted(tmp_path, caplog):
     good = np.arange(20)
     for i in good:
-        folder = tmp_path / f"class_{i % 2}"
-        folder.mkdir(exist_ok=True)
+        folder = tmp_path / "x" / f"class_{i % 2}"  # split "x"
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i:02d}.png").write_bytes(png_bytes(id_images(np.array([i]), 8)[0]))
-    (tmp_path / "class_0" / "05.png").write_bytes(b"not an image at all")
+    (tmp_path / "x" / "class_0" / "05.png").write_bytes(b"not an image at all")
     truncated = png_bytes(np.random.default_rng(0).integers(0, 255, (8, 8, 3), np.uint8))
-    (tmp_path / "class_1" / "13.png").write_bytes(truncated[: len(truncated) // 2])
+    (tmp_path / "x" / "class_1" / "13.png").write_bytes(truncated[: len(truncated) // 2])
     source = data.build_source({"source": "folder", "path": str(tmp_path), "image_size": 8}, "x")
-    bad = {source.files.index(str(tmp_path / "class_0" / "05.png"))}
-    bad.add(source.files.index(str(tmp_path / "class_1" / "13.png")))
+    bad = {source.files.index(str(tmp_path / "x" / "class_0" / "05.png"))}
+    bad.add(source.files.index(str(tmp_path / "x" / "class_1" / "13.png")))
 
     caplog.set_level(logging.WARNING)
     n = len(source)  # 21 files, two of them bad: 5 steps of 4 per epoch
@@ -280,7 +280,60 @@ def test_folder_source_reads_cifar_pngs_from_class_folders(tmp_path):
         assert got_label == label
     assert len(data.build_source(config, "test")) == 1
     flat = data.build_source({**config, "path": str(tmp_path / "train")}, "train")
-    assert (len(flat), flat.num_classes) == (36, 3)  # no train/ folder inside: classes directly
+    # No train/ folder inside: classes directly, one image of each 12 held out as "test".
+    assert (len(flat), flat.num_classes) == (33, 3)
+
+
+def test_holdout_mask_takes_a_fixed_tenth_of_each_class():
+    labels = np.repeat([0, 1, 2, 3], [30, 11, 2, 1])
+    held = data.holdout_mask(labels)
+    assert [int(held[labels == c].sum()) for c in range(4)] == [3, 1, 1, 0]  # >= 1 if n >= 2
+    np.testing.assert_array_equal(held, data.holdout_mask(labels))  # no seed: always the same
+    # A class's held-out rows depend on that class alone, not on the others or their order.
+    other = np.concatenate([np.full(7, 9), labels[labels == 0]])
+    np.testing.assert_array_equal(data.holdout_mask(other)[7:], held[labels == 0])
+
+
+def _flat_npz_and_folder(tmp_path: Path) -> list[dict]:
+    """The same 3 x 20 id images as an npz of images/labels and as a folder of class folders."""
+    ids = np.arange(60)
+    images = id_images(ids, 4)
+    np.savez(tmp_path / "flat.npz", images=images, labels=ids % 3)
+    for i in ids:
+        folder = tmp_path / "flat" / f"c{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:02d}.png").write_bytes(png_bytes(images[i]))
+    return [
+        {"source": "npz", "path": str(tmp_path / "flat.npz"), "image_size": 4},
+        {"source": "folder", "path": str(tmp_path / "flat"), "image_size": 4},
+    ]
+
+
+def test_a_source_without_a_test_split_holds_one_out_of_train(tmp_path):
+    for config in _flat_npz_and_folder(tmp_path):
+        train, test = data.build_source(config, "train"), data.build_source(config, "test")
+        assert (len(train), len(test), train.num_classes) == (54, 6, 3)
+        train_ids = {int(ids_of({"image": train[i][0][None]})[0]) for i in range(len(train))}
+        test_ids = {int(ids_of({"image": test[i][0][None]})[0]) for i in range(len(test))}
+        assert not train_ids & test_ids and train_ids | test_ids == set(range(60))
+        assert sorted(i % 3 for i in test_ids) == [0, 0, 1, 1, 2, 2]
+        assert "held out" in test.description and str(config["path"]) in test.description
+        # The training loop reads split "train": the held-out images are never pretrained on.
+        loader = data.Loader(train, 6, seed=0, num_threads=1)
+        seen = np.concatenate([ids_of(b) for b in take(loader.iterate(), 9)])
+        assert set(seen.tolist()) == train_ids
+        with pytest.raises(UserError, match=r"no split 'validation'.*'train'.*'test'"):
+            data.build_source(config, "validation")
+
+
+def test_a_split_layout_without_the_asked_split_is_refused(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "a.png").write_bytes(png_bytes(id_images(np.arange(1), 4)[0]))
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    config = {"source": "folder", "path": str(tmp_path), "image_size": 4}
+    assert len(data.build_source(config, "train")) == 1  # its own split: nothing held out
+    with pytest.raises(UserError, match=r"split folders \(train, val\) but no test/.*test_split"):
+        data.build_source(config, "test")
 
 
 def test_missing_data_raises_user_error_naming_it(tmp_path):

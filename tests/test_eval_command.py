@@ -1,5 +1,7 @@
-"""`selfsup eval` end to end on smoke checkpoints: JSON records, step choice, collections, and
-clear errors for a backbone that does not match the checkpoint."""
+"""`selfsup eval` end to end on smoke checkpoints: JSON records kept per evaluator and step, the
+random-init baseline, what each split held, a source without a test split evaluated on held-out
+images only, step choice, collections, and clear errors for a backbone that does not match the
+checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from PIL import Image
 
 from selfsup import checkpoint, cli, evaluators, train
 from selfsup import config as config_lib
@@ -54,11 +57,18 @@ def test_eval_cli_writes_the_record(name, checkpoints, capsys):
     workdir = checkpoints[name]
     argv = ["eval", "--workdir", str(workdir), "--config", f"configs/eval/{kind}.py:smoke"]
     assert cli.main(argv) == 0
-    assert f"{kind} at step 2: " in capsys.readouterr().err
-    record = json.loads((workdir / f"eval_{kind}.json").read_text())
+    line = capsys.readouterr().err
+    assert f"{kind} at step 2: top-1 " in line and "%" in line
+    record = json.loads((workdir / "eval" / f"{kind}_step2.json").read_text())
+    assert f"-> {workdir / 'eval' / f'{kind}_step2.json'}" in line
     saved = json.loads((workdir / "config.json").read_text())
     assert record["step"] == 2 and record["evaluator"] == kind
-    assert record["backbone"] == saved["backbone"]
+    assert record["backbone"] == saved["backbone"] and "random_init" not in record
+    for role, split, n in (("train", "train", 256), ("test", "test", 128)):
+        data = record["data"][role]
+        assert (data["split"], data["images"], data["classes"]) == (split, n, 10)
+        assert data["split_images"] == {"train": 20000, "test": 2000}[split]
+        assert data["classes_present"] == 10 and "subset of" in data["source"]
     protocol = record["protocol"]
     assert protocol["data"]["source"] == "builtin" and protocol["train_limit"] == 256
     assert protocol["view"].endswith("normalize('imagenet')")
@@ -76,12 +86,12 @@ def test_knn_and_attentive_probe_on_an_earlier_step(checkpoints):
     workdir = checkpoints["quickstart.py"]
     knn = eval_command.evaluate_checkpoint(str(workdir), eval_config("knn.py:smoke"), step=1)
     assert knn["step"] == 1 and set(knn["results"]) == {"top1", "top5"}
-    assert json.loads((workdir / "eval_knn.json").read_text())["step"] == 1
+    assert json.loads((workdir / "eval" / "knn_step1.json").read_text())["step"] == 1
     config = eval_config("attentive_probe.py:smoke,blocks=2", label="attn")
     attn = eval_command.evaluate_checkpoint(str(workdir), config)
     assert attn["protocol"]["features"] == "last_2_blocks" and attn["step"] == 2
     assert 0.0 <= attn["results"]["top1"] <= 1.0
-    assert (workdir / "eval_attn.json").exists()
+    assert (workdir / "eval" / "attn_step2.json").exists()
 
 
 def test_a_backbone_that_does_not_match_the_checkpoint_is_a_user_error(checkpoints, capsys):
@@ -125,3 +135,49 @@ def test_model_state_collections_reach_the_backbone(tmp_path):
     np.testing.assert_array_equal(variables["batch_stats"]["bn"]["mean"], [0.0, 1.0, 2.0])
     with pytest.raises(UserError, match="no saved config"):
         eval_command.evaluate_checkpoint(str(tmp_path), eval_config("knn.py:smoke"))
+
+
+def test_results_are_kept_per_step_beside_the_random_init_baseline(checkpoints, capsys):
+    workdir = checkpoints["quickstart.py"]
+    argv = ["eval", "--workdir", str(workdir), "--config", "configs/eval/knn.py:smoke"]
+    assert cli.main([*argv, "--step", "1"]) == 0
+    first = json.loads((workdir / "eval" / "knn_step1.json").read_text())
+    assert cli.main([*argv, "--random-init"]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    # The earlier step's record is still there, unchanged.
+    assert json.loads((workdir / "eval" / "knn_step1.json").read_text()) == first
+    record = json.loads((workdir / "eval" / "knn_step2.json").read_text())
+    base = record["random_init"]
+    assert base["seed"] == 0 and set(base["results"]) == {"top1", "top5"}
+    trained, random = record["results"]["top1"], base["results"]["top1"]
+    assert f"top-1 {100 * trained:.1f}% (random init {100 * random:.1f}%)" in line
+    # The same protocol on the same backbone at random initialisation as the training loop's.
+    config = eval_config("knn.py:smoke")
+    saved = json.loads((workdir / "config.json").read_text())
+    mesh = evaluators.sharding.make_mesh({"data": -1, "fsdp": 1})
+    want = evaluators.at_random_init([config.to_dict()], saved, mesh=mesh)
+    assert base["results"]["top1"] == want["knn/top1"]
+
+
+def test_a_flat_folder_is_evaluated_on_held_out_images_only(tmp_path, checkpoints, capsys):
+    """`<class>/<image>` has no test split: the record says which 10% was held out and how many
+    images and classes each split had; no test image is a training image."""
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "flat" / f"class{c}").mkdir(parents=True)
+        for i in range(20):
+            pixels = rng.integers(0, 256, (8, 8, 3), np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "flat" / f"class{c}" / f"{i:02d}.png")
+    workdir = checkpoints["quickstart.py"]
+    argv = ["eval", "--workdir", str(workdir), "--config", "configs/eval/knn.py:smoke"]
+    argv += ["--config.data.source=folder", f"--config.data.path={tmp_path / 'flat'}"]
+    assert cli.main([*argv, "--config.label=flat"]) == 0
+    assert "train 54 images of 3 classes (train); test 6 images of 3 classes (test)" in (
+        capsys.readouterr().err
+    )
+    data = json.loads((workdir / "eval" / "flat_step2.json").read_text())["data"]
+    assert (data["train"]["images"], data["test"]["images"]) == (54, 6)
+    assert data["train"]["split_images"] + data["test"]["split_images"] == 60
+    assert data["test"]["classes"] == data["test"]["classes_present"] == 3
+    assert "held out from 'train'" in data["test"]["source"]
+    assert str(tmp_path / "flat") in data["test"]["source"]

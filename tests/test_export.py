@@ -147,7 +147,8 @@ def test_smoke_checkpoint_export_through_cli_and_npz(tmp_path, capsys, smoke_run
 
     # The big_vision .npz through timm's own loader, into a freshly created model.
     record = json.loads((out / "config.json").read_text())
-    module = timm.create_model(record["architecture"], pretrained=False, **record["kwargs"])
+    assert record["architecture"] == "VisionTransformer"  # timm registers no Ti/8 at 32 px
+    module = getattr(timm.models, record["architecture"])(**record["kwargs"])
     module.load_pretrained(str(out / "model.npz"))
     assert_same_features(model, variables, module.eval(), x)
 
@@ -256,3 +257,120 @@ def test_export_imports_no_torch_and_corrupt_checkpoint_exits_2(tmp_path, smoke_
     assert "Traceback" not in proc.stderr
     assert "damaged or unreadable" in proc.stderr and "intact steps: [2]" in proc.stderr
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- the README's loading snippet
+
+
+def readme_snippet() -> str:
+    """The README's PyTorch loading code block, as written."""
+    text = (REPO / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (snippet,) = [b for b in blocks if "safetensors.torch.load_file" in b]
+    return snippet
+
+
+def random_variables(model, size: int, seed: int) -> dict:
+    """Host variables of `model` (params and, for BatchNorm, batch_stats) drawn at random, far
+    from their init so that a dropped or swapped leaf shows; residual branches' last scales kept
+    small so that activations stay O(1) through the depth."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        names = [str(getattr(p, "key", "")) for p in path]
+        if names[-1] == "kernel":
+            return rng.normal(size=leaf.shape).astype(np.float32) / np.sqrt(
+                np.prod(leaf.shape[:-1])
+            )
+        if names[-1] in ("scale", "var"):
+            small = names[-2] in ("bn2", "bn3") and names[-3].startswith("layer")
+            return rng.uniform(*((0.1, 0.3) if small else (0.5, 1.5)), leaf.shape).astype(
+                np.float32
+            )
+        if names[-1] == "gamma":  # ConvNeXt's layer scale
+            return rng.uniform(0.1, 0.3, leaf.shape).astype(np.float32)
+        return (0.2 * rng.normal(size=leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, dict(shapes))
+
+
+def save_backbone(workdir, backbone: dict, variables: dict) -> None:
+    """A checkpoint as the training loop writes it, holding only this backbone."""
+    config = config_lib.resolve(config_lib.load(SMOKE)).to_dict()
+    config["backbone"] = backbone
+    state = {
+        "step": jnp.asarray(1, jnp.int32),
+        "params": {"backbone": variables["params"]},
+        "opt_state": {},
+        "model_state": {k: {"backbone": v} for k, v in variables.items() if k != "params"},
+    }
+    mngr = checkpoint.Manager(workdir)
+    mngr.save(1, state, {"config": config, "data_position": 1}, wait=True)
+    mngr.close()
+
+
+FAMILIES = {
+    # The quickstart's shape: a Ti/4 at 32 px, which timm registers under no name.
+    "vit": (dict(name="vit", variant="Ti/4", depth=2, width=64, num_heads=2), "timm"),
+    "resnet18": (dict(name="resnet", variant="18"), "torchvision"),
+    "resnet18x2": (dict(name="resnet", variant="18x2"), "selfsup"),
+    "convnext": (
+        dict(name="convnext", variant="tiny", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
+        "timm",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_readme_snippet_and_load_torch_give_the_jax_features(tmp_path, capsys, family):
+    """The README's loading code, run as written (only the export folder changed; resnet_torch.py
+    copied beside it, as the README says), and `load_torch`, return [N, D] features equal to the
+    JAX backbone's pooled output on the same normalised images."""
+    backbone, library = FAMILIES[family]
+    kwargs = {k: v for k, v in backbone.items() if k != "name"}
+    model = backbones.build(backbone["name"], **kwargs)
+    variables = random_variables(model, IMG, seed=len(family))
+    save_backbone(tmp_path / "run", backbone, variables)
+    out = tmp_path / "export"
+    code, err = run_cli(capsys, "--workdir", tmp_path / "run", "--out", out)
+    assert code == 0, err
+    record = json.loads((out / "config.json").read_text())
+    assert record["library"] == library
+
+    user_dir = tmp_path / "user"
+    user_dir.mkdir()
+    shutil.copy(REPO / "selfsup" / "export" / "resnet_torch.py", user_dir)
+    snippet = readme_snippet()
+    assert snippet.count('"/tmp/qs_export"') == 1
+    sys.path.insert(0, str(user_dir))
+    try:
+        namespace: dict = {}
+        exec(snippet.replace('"/tmp/qs_export"', repr(str(out))), namespace)
+    finally:
+        sys.path.remove(str(user_dir))
+        sys.modules.pop("resnet_torch", None)
+    features, pixels = namespace["features"].numpy(), namespace["images"].numpy()
+
+    mean, std = np.asarray(record["mean"]), np.asarray(record["std"])
+    x = ((pixels.transpose(0, 2, 3, 1) - mean) / std).astype(np.float32)
+    want = np.asarray(jax.jit(model.apply)(variables, x).pooled)
+    assert features.shape == want.shape and want.shape[1] > 0
+    assert rel_err(features, want) < 1e-4
+
+    with torch.no_grad():
+        loaded = export.load_torch(out)(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    assert rel_err(loaded.numpy(), want) < 1e-4
+
+
+def test_vit_export_names_the_architecture_timm_has():
+    assert vit.timm_name(vit.Model(variant="B/16"), (224, 224)) == "vit_base_patch16_224"
+    assert vit.timm_name(vit.Model(variant="S/8"), (224, 224)) == "vit_small_patch8_224"
+    assert timm.is_model("vit_base_patch16_224") and timm.is_model("vit_small_patch8_224")
+    # Not a registered geometry: timm's class, built from the kwargs.
+    for model, size in (
+        (vit.Model(variant="Ti/4", depth=4), (32, 32)),  # the quickstart's
+        (vit.Model(variant="Ti/16"), (32, 32)),
+        (vit.Model(variant="B/16", depth=6), (224, 224)),
+    ):
+        assert vit.timm_name(model, size) == "VisionTransformer"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import struct
 from pathlib import Path
 
 import jax
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from selfsup import checkpoint, finetune, objectives, optim, train
+from selfsup import backbones, checkpoint, cli, evaluators, finetune, objectives, optim, train
 from selfsup import config as config_lib
 from selfsup.errors import UserError
+from selfsup.evaluators import features
 from selfsup.objectives import supervised
 
 VIT = {"name": "vit", "variant": "Ti/8", "depth": 3, "width": 32, "num_heads": 2}
@@ -188,7 +190,8 @@ def test_init_from_a_missing_workdir_is_an_error(tmp_path):
 def test_a_resumed_finetune_continues_its_own_run(pretrained, tmp_path):
     def losses(workdir):
         lines = (workdir / "metrics.jsonl").read_text().splitlines()
-        return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+        # Training records only (the evaluation at each run's end writes its own).
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
     common = {"optim.schedule": "constant", "init_from": pretrained}  # LR independent of length
     train.train_and_evaluate(
@@ -328,3 +331,50 @@ def test_mixing_and_drop_path_follow_their_rng_streams():
             train=True,
             labels=labels[:3],
         )
+
+
+def tensorboard_tags(folder: Path) -> set[str]:
+    """Scalar tags in the TensorBoard event files under `folder` (TFRecord framing: length u64,
+    its crc u32, an Event proto, its crc u32)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    tags = set()
+    for path in folder.rglob("events.out.tfevents*"):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            tags |= {value.tag for value in event.summary.value}
+            offset += 16 + length
+    return tags
+
+
+def test_finetune_reports_its_classifiers_test_top1(pretrained, tmp_path, capsys):
+    """`selfsup train` of the fine-tuning config: the head's test top-1 at the end (and every N
+    steps when asked) in metrics.jsonl, TensorBoard and the last line, equal to the saved
+    network's accuracy on those images."""
+    argv = ["train", "--config", str(REPO / "configs" / "finetune_vit_in1k.py:smoke")]
+    argv += ["--workdir", str(tmp_path), f"--config.init_from={pretrained}"]
+    assert cli.main([*argv, "--config.total_steps=4", "--config.evaluators.every_steps=2"]) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval/classifier/top1" in r}
+    assert sorted(evals) == [2, 4]
+    top1 = evals[4]["eval/classifier/top1"]
+    assert last.startswith("selfsup: done") and f"classifier top-1 {100 * top1:.1f}%" in last
+    assert "eval/classifier/top1" in tensorboard_tags(tmp_path / "tensorboard")
+
+    # The same number from the checkpoint: its backbone and head on the 64 test images.
+    params, meta = checkpoint.restore_params(tmp_path)
+    config = dict(meta["config"]["backbone"])
+    model = backbones.build(config.pop("name"), **config)
+    eval_config = evaluators.inherit(
+        evaluators.resolve({"name": "classifier", "test_limit": 64}), meta["config"]
+    )
+    source = features.load_split(eval_config.data, "test", 64, 0)
+    images = np.stack([source[i][0] for i in range(len(source))])
+    labels = np.asarray([source[i][1] for i in range(len(source))])
+    (x,) = features.view_fn(eval_config.view)(jnp.asarray(images), jax.random.key(0))
+    pooled = model.apply({"params": params["backbone"]}, x, train=False).pooled
+    logits = np.asarray(pooled, np.float64) @ params["head"]["kernel"] + params["head"]["bias"]
+    assert top1 == pytest.approx(np.mean(logits.argmax(1) == labels), abs=1 / 64)

@@ -572,10 +572,12 @@ def test_export_matches_pytorch_at_random_parameters(tc, variant, size, library)
     assert spec["library"] == library and spec["pooling"] == "avg" and json.dumps(spec)
     depth, width, sk = resnet.parse_variant(variant)
     if library == "torchvision":
-        assert (spec["architecture"], spec["kwargs"]) == (f"resnet{depth}", {"num_classes": 0})
+        width = 512 if depth < 50 else 2048  # the identity fc keeps the pooled width
+        assert (spec["architecture"], spec["kwargs"]) == (f"resnet{depth}", {"num_classes": width})
     else:
         kwargs = {"depth": depth, "width": width, "sk_ratio": 0.0625 if sk else 0.0}
-        assert (spec["architecture"], spec["kwargs"]) == ("resnet_torch.ResNet", kwargs)
+        assert (spec["module"], spec["architecture"]) == ("resnet_torch", "ResNet")
+        assert spec["kwargs"] == kwargs
     module = build_torch(tc, spec, state_dict)  # strict: every name and shape must match
     assert_same_features(out, *torch_features(tc, spec, module, x))
 
@@ -622,6 +624,7 @@ def test_export_resnet200_maps_onto_timm(tc):
     assert (spec["library"], spec["architecture"]) == ("timm", "resnet200")
     assert spec["kwargs"] == {"num_classes": 0} and spec["pooling"] == "avg"
     module = build_torch(tc, spec, state_dict)  # strict names and shapes
+    assert isinstance(module.fc, tc.torch.nn.Identity)  # model(images): the pooled embedding
     assert sum(p.numel() for p in module.parameters()) == count("200")
 
 

@@ -21,10 +21,23 @@ from selfsup.objectives import rotation
 VIT = {"name": "vit", "variant": "Ti/8", "depth": 1, "width": 32, "num_heads": 2}
 
 
+def official_collate(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FeatureLearningRotNet's unsupervised loader: each image's 4 rotations stacked on a new
+    axis 1 ([B, 4, ...]), the batch then viewed as [B * 4, ...]: image-major."""
+    stacked = np.stack([np.rot90(images, k, axes=(1, 2)) for k in range(4)], axis=1)
+    labels = np.tile(np.arange(4), (len(images), 1))
+    return stacked.reshape(-1, *images.shape[1:]), labels.reshape(-1)
+
+
 def test_rotate_batch_matches_np_rot90():
     rng = np.random.default_rng(0)
     images = rng.normal(size=(3, 5, 5, 2)).astype(np.float32)
     out, labels = rotation.rotate_batch(jnp.asarray(images, jnp.float32))
+    want_images, want_labels = official_collate(images)
+    np.testing.assert_array_equal(out, want_images)
+    np.testing.assert_array_equal(labels, want_labels)
+    # The docstring states the order as the official one, not as a deviation from it.
+    assert "rotation-major" not in rotation.__doc__ and "image-major" in rotation.__doc__
     assert out.shape == (12, 5, 5, 2) and labels.dtype == jnp.int32
     np.testing.assert_array_equal(labels, np.tile([0, 1, 2, 3], 3))
     for i in range(12):

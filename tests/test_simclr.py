@@ -150,21 +150,33 @@ def test_bad_settings_and_views_are_user_errors():
 
 
 def ref_distill(student, teacher, t):
-    """SimCLRv2 Eq. 2 (mean over examples): -sum_y P_T(y; t) log P_S(y; t)."""
+    """The official `add_kd_loss` (simclr `colabs/distillation_self_training.ipynb`):
+    tf.losses.softmax_cross_entropy(softmax(teacher / t), student / t, weights=t**2), i.e.
+    t^2 times the batch mean of -sum_y P_T(y; t) log P_S(y; t)."""
     s, tch = np.asarray(student, np.float64) / t, np.asarray(teacher, np.float64) / t
     s_max = s.max(1, keepdims=True)
     log_ps = s - s_max - np.log(np.exp(s - s_max).sum(1, keepdims=True))
     pt = np.exp(tch - tch.max(1, keepdims=True))
     pt /= pt.sum(1, keepdims=True)
-    return -(pt * log_ps).sum(1).mean()
+    return t**2 * -(pt * log_ps).sum(1).mean()
 
 
-@pytest.mark.parametrize("t", [1.0, 0.5, 2.0])
-def test_distill_loss_matches_the_paper(t):
+def ref_distill_grad(student, teacher, t):
+    """d loss / d student logits of `ref_distill`: t (P_S - P_T) / B."""
+    s, tch = np.asarray(student, np.float64) / t, np.asarray(teacher, np.float64) / t
+    ps, pt = (np.exp(x - x.max(1, keepdims=True)) for x in (s, tch))
+    ps, pt = ps / ps.sum(1, keepdims=True), pt / pt.sum(1, keepdims=True)
+    return t * (ps - pt) / len(s)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 0.5])
+def test_distill_loss_matches_the_official_code(t):
     rng = np.random.default_rng(4)
     s, tch = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
     got = distill.distill_loss(jnp.asarray(s), jnp.asarray(tch), t)
     np.testing.assert_allclose(float(got), ref_distill(s, tch, t), rtol=1e-5)
+    grad = jax.grad(distill.distill_loss)(jnp.asarray(s), jnp.asarray(tch), t)
+    np.testing.assert_allclose(grad, ref_distill_grad(s, tch, t), rtol=1e-4, atol=1e-7)
     # The teacher is a constant target.
     assert not np.any(jax.grad(distill.distill_loss, argnums=1)(jnp.asarray(s), jnp.asarray(tch)))
 

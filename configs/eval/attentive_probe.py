@@ -2,14 +2,14 @@
 the mean of the last blocks' patch tokens, one learned query with multi-head cross-attention,
 a linear classifier; trained with AdamW on cached tokens, the best of 3 learning rates chosen
 on 10% of the training split, refit, and test top-1/top-5 written to
-/tmp/qs/eval_attentive_probe.json.
+/tmp/qs/eval/attentive_probe_step<N>.json.
 
     selfsup eval --workdir /tmp/qs --config configs/eval/attentive_probe.py:blocks=4
 
 AIM averages the last 6 blocks; `blocks=<k>` sets k (the quickstart's ViT has 4 blocks). The
-tokens of every image are cached in host memory (20000 x 64 x 192 floats, 1 GB, for the
+tokens of every image are cached in host memory (20000 x 64 x 96 floats, 0.5 GB, for the
 quickstart); `train_limit` subsamples larger datasets. Compare with the linear probe of the same
-checkpoint and with the backbone at random initialisation (`selfsup.evaluators.at_random_init`).
+checkpoint and with the backbone at random initialisation (`--random-init`).
 Variant `smoke`: 256 + 128 images, 5 epochs (seconds).
 """
 

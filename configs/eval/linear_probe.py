@@ -2,12 +2,12 @@
 
     selfsup eval --workdir /tmp/qs --config configs/eval/linear_probe.py
 
-Extracts the pooled feature (the cls token for the quickstart's ViT) on the checkpoint's
+Extracts the pooled feature (the patch-token mean for the quickstart's ViT) on the checkpoint's
 dataset (train split to fit, test split to report), standardises it (BatchNorm without affine),
 trains a grid of 4 learning rates x 2 weight decays of linear heads at once with SGD, picks the
 best on 10% of the training split, refits it on the whole split and writes test top-1/top-5 to
-/tmp/qs/eval_linear_probe.json. The result to compare with is the same backbone at random
-initialisation (`selfsup.evaluators.at_random_init`); chance is 1 / number of classes.
+/tmp/qs/eval/linear_probe_step<N>.json. The result to compare with is the same backbone at
+random initialisation (`--random-init`); chance is 1 / number of classes.
 Variants: `smoke` (256 + 128 images, 10 epochs: seconds), `block=<i>` (the average of block i's
 patch tokens instead of the pooled feature).
 """

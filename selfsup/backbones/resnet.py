@@ -367,13 +367,14 @@ def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], 
     """variables {"params", "batch_stats"} of a `Model` (host NumPy) -> (state_dict, spec).
 
     Width 1 without SK, with the ImageNet stem and the variant's blocks and channels maps onto
-    torchvision's `resnet{18,34,50,101,152}` (timm's `resnet200`, whose names match
-    torchvision's), built with num_classes=0; anything else onto
-    `selfsup.export.resnet_torch.ResNet(depth, width, sk_ratio, ...)`, which also takes
-    `cifar_stem`, `blocks` and `channels` (a CIFAR-stem ResNet's weights keep torchvision's
-    names: see that module for loading them into torchvision's model). Conv kernels go from
-    [kh, kw, in, out] to OIHW; BN scale/bias/mean/var to weight/bias/running_mean/running_var,
-    with num_batches_tracked 0 (int64, PyTorch's buffer dtype).
+    torchvision's `resnet{18,34,50,101,152}`, built with num_classes = D and an identity `fc`
+    (so that the model's output is the pooled embedding [N, D]), and timm's `resnet200` (the
+    same names; num_classes=0, no fc); anything else onto `ResNet(depth, width, sk_ratio, ...)`
+    of `selfsup/export/resnet_torch.py` (spec "module"), which also takes `cifar_stem`, `blocks`
+    and `channels` (a CIFAR-stem ResNet's weights keep torchvision's names: see that module for
+    loading them into torchvision's model). Conv kernels go from [kh, kw, in, out] to OIHW; BN
+    scale/bias/mean/var to weight/bias/running_mean/running_var, with num_batches_tracked 0
+    (int64, PyTorch's dtype).
     """
     depth, width, sk = parse_variant(model.variant)
     bottleneck, blocks, c, _ = model.arch()
@@ -469,15 +470,17 @@ def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], 
         if depth == 200:  # torchvision has no resnet200; timm's uses the same names
             spec = {"library": "timm", "architecture": "resnet200"}
         else:
+            # torchvision's ResNet always ends in `fc` (num_classes=0 makes an empty Linear and
+            # [N, 0] outputs): an identity fc makes model(images) the pooled embedding [N, D].
             spec = {"library": "torchvision", "architecture": f"resnet{depth}"}
-            # torchvision's num_classes=0 head is an empty Linear that strict loading expects.
-            state["fc.weight"] = np.zeros((0, cin), np.float32)
-            state["fc.bias"] = np.zeros((0,), np.float32)
-        spec["kwargs"] = {"num_classes": 0}
+            state["fc.weight"] = np.eye(cin, dtype=np.float32)
+            state["fc.bias"] = np.zeros((cin,), np.float32)
+        spec["kwargs"] = {"num_classes": cin if spec["library"] == "torchvision" else 0}
     else:
         spec = {
             "library": "selfsup",
-            "architecture": "resnet_torch.ResNet",
+            "module": "resnet_torch",
+            "architecture": "ResNet",
             "kwargs": {
                 "depth": depth,
                 "width": width,

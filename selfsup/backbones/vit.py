@@ -287,7 +287,7 @@ class Model(nn.Module):
 
 # ---------------------------------------------------------------- export to PyTorch (timm)
 
-# size -> (timm's size name, patch sizes timm registers at 224 px; the first is the fallback).
+# size -> (timm's size name, patch sizes timm registers at 224 px).
 TIMM_NAMES = {
     "Ti": ("tiny", (16,)),
     "S": ("small", (16, 8, 32)),
@@ -297,12 +297,21 @@ TIMM_NAMES = {
 }
 
 
-def timm_name(variant: str) -> str:
-    """timm model name of a variant: 'B/16' -> 'vit_base_patch16_224'. A patch size timm does not
-    register ('Ti/4') takes the size's default name; the export's kwargs set the real patch."""
-    size, _, patch = variant.partition("/")
+def timm_name(model: Model, input_size: tuple[int, int]) -> str:
+    """The name of `model` at `input_size` (H, W) in timm: a registered model name where one
+    describes it (B/16 at 224 px with ViT-B's width, depth, heads and MLP ->
+    'vit_base_patch16_224'), else timm's class 'VisionTransformer' (a Ti/4 of depth 4 at 32 px has
+    no registered name). Either is built from the export's kwargs, which set every dimension."""
+    size = model.variant.partition("/")[0]
+    width, depth, heads, mlp_dim, patch = model.dims()
     name, patches = TIMM_NAMES[size]
-    return f"vit_{name}_patch{int(patch) if int(patch) in patches else patches[0]}_224"
+    registered = (
+        tuple(input_size) == (224, 224)
+        and patch in patches
+        and (width, depth, heads) == SIZES[size]
+        and mlp_dim == 4 * width
+    )
+    return f"vit_{name}_patch{patch}_224" if registered else "VisionTransformer"
 
 
 def export_torch(
@@ -391,7 +400,7 @@ def export_torch(
     )
     spec = {
         "library": "timm",
-        "architecture": timm_name(model.variant),
+        "architecture": timm_name(model, input_size),
         "kwargs": kwargs,
         "pooling": "cls" if model.pool == "cls" else "avg",
     }

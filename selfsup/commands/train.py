@@ -58,6 +58,7 @@ def run(args, overrides: dict[str, str]) -> int:
         )
 
     from selfsup import train
+    from selfsup.evaluators import periodic
 
     try:
         result = train.train_and_evaluate(config, args.workdir)
@@ -65,8 +66,13 @@ def run(args, overrides: dict[str, str]) -> int:
         print(f"selfsup: {e}", file=sys.stderr)
         return 128 + e.signum
     if "loss" in result:
+        # The last evaluation's test top-1s (a probe beside its random-init baseline, a
+        # fine-tuned classifier) end the line.
+        top1 = periodic.top1_text(result)
+        top1 = f", {top1}" if top1 else ""
         print(
-            f"selfsup: done, loss {result['loss']:.4f}. Logs: tensorboard --logdir {args.workdir}",
+            f"selfsup: done, loss {result['loss']:.4f}{top1}. Logs: tensorboard --logdir "
+            f"{args.workdir}",
             file=sys.stderr,
         )
     return 0

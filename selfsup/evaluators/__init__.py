@@ -1,14 +1,16 @@
 """Evaluators of frozen features: one file per protocol (linear_probe, knn, attentive_probe).
 
 An evaluator module `selfsup.evaluators.<name>` has `defaults()` (its own config keys) and
-`Evaluator(encode_fn, config, *, mesh)`, whose `run(params)` yields `(name, value)` pairs.
+`Evaluator(encode_fn, config, *, mesh)`, whose `run(params)` yields `(name, value)` pairs and
+leaves in `Evaluator.data` what each split held (`features.describe`: split, images, classes).
 `encode_fn(params, images) -> Features` is the frozen backbone; the evaluator reads its own data.
 Evaluators never see the objective. Adding one is adding one file.
 
 An evaluator config is flat. The keys every evaluator has (`COMMON`):
 
-  name           the module ("linear_probe", "knn", "attentive_probe")
-  label          result prefix and JSON file name (`eval_<label>.json`); "" = name
+  name           the module ("linear_probe", "knn", "attentive_probe", "classifier": the run's
+                 own head on the test split, for fine-tuning)
+  label          result prefix and JSON file name (`eval/<label>_step<N>.json`); "" = name
   data           `config.data` keys (source, name, path, data_dir, image_size); None = the
                  pretraining run's value
   train_split / test_split, train_limit / test_limit (0 = all; else a fixed random subset)
@@ -190,10 +192,12 @@ def label(config: Any) -> str:
 
 def backbone_encode_fn(backbone: nn.Module) -> EncodeFn:
     """encode_fn(variables, images) -> Features of a backbone in inference mode, where
-    `variables` = {"params": ..., "batch_stats": ..., ...} of the backbone alone."""
+    `variables` = {"params": ..., "batch_stats": ..., ...} of the backbone (a classifier
+    `head` beside them, see `with_head`, is not the backbone's and is left out)."""
 
     def encode(variables: dict, images: jax.Array):
-        return backbone.apply(variables, images, train=False)
+        own = {k: v for k, v in variables.items() if k != "head"}
+        return backbone.apply(own, images, train=False)
 
     return encode
 
@@ -208,6 +212,14 @@ def backbone_variables(params: dict, model_state: dict | None = None) -> dict:
         if isinstance(tree, dict) and "backbone" in tree:
             out[collection] = tree["backbone"]
     return out
+
+
+def with_head(variables: dict, params: dict) -> dict:
+    """The backbone's variables plus the objective's classifier `head` params, when it has one
+    (for the `classifier` evaluator; the others read the backbone's collections only)."""
+    if isinstance(params, dict) and "head" in params:
+        return {**variables, "head": params["head"]}
+    return variables
 
 
 def run_all(

@@ -240,27 +240,53 @@ def extract(
 
 
 def extract_splits(
-    encode_fn: EncodeFn, params: Any, config: Any, mesh: jax.sharding.Mesh
+    encode_fn: EncodeFn,
+    params: Any,
+    config: Any,
+    mesh: jax.sharding.Mesh,
+    info: dict | None = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], int]:
     """((train features, labels), (test features, labels), num_classes) for an evaluator's
     config: its `data`, `train_split`/`test_split`, `*_limit`, `seed`, `view`, `features`,
-    `batch_size` and `max_feature_gb` (see `selfsup.evaluators`)."""
+    `batch_size` and `max_feature_gb` (see `selfsup.evaluators`).
+
+    `info`, when given, receives {"train": ..., "test": ...}, each `describe(...)`'s record."""
     out = []
-    for split, limit in (
-        (config.train_split, config.train_limit),
-        (config.test_split, config.test_limit),
+    for role, split, limit in (
+        ("train", config.train_split, config.train_limit),
+        ("test", config.test_split, config.test_limit),
     ):
         source = load_split(config.data, split, limit, config.seed)
-        out.append(
-            extract(
-                encode_fn,
-                params,
-                source,
-                view=config.view,
-                feature=config.features,
-                mesh=mesh,
-                batch_size=config.batch_size,
-                max_gb=config.max_feature_gb,
-            )
+        feats, labels = extract(
+            encode_fn,
+            params,
+            source,
+            view=config.view,
+            feature=config.features,
+            mesh=mesh,
+            batch_size=config.batch_size,
+            max_gb=config.max_feature_gb,
         )
+        out.append((feats, labels))
+        if info is not None:
+            info[role] = describe(source, split, labels)
     return out[0], out[1], source.num_classes
+
+
+def describe(source: data.Source, split: str, labels: np.ndarray) -> dict:
+    """What an evaluation read from one split: {"split": its name, "source": which images (a
+    held-out part, for sources without a test split), "images": decodable images used,
+    "split_images": images in the split, "classes": the dataset's classes, "classes_present":
+    classes among the images used}."""
+    full = source.source if isinstance(source, Subset) else source
+    text = getattr(full, "description", f"split {split!r}")
+    if isinstance(source, Subset):
+        text += f"; a fixed random subset of {len(source)}"
+    return {
+        "split": split,
+        "source": text,
+        "images": int(len(labels)),
+        "split_images": int(len(full)),
+        "classes": int(source.num_classes),
+        "classes_present": int(len(np.unique(labels))),
+    }

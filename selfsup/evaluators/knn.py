@@ -109,9 +109,10 @@ class Evaluator:
                 f"temperature={config.temperature}, chunk={config.chunk}"
             )
         self.encode_fn, self.config, self.mesh = encode_fn, config, mesh
+        self.data: dict = {}  # per split: what run() read (features.describe)
 
     def run(self, params: Any) -> Iterator[tuple[str, float]]:
         train, test, num_classes = features_lib.extract_splits(
-            self.encode_fn, params, self.config, self.mesh
+            self.encode_fn, params, self.config, self.mesh, info=self.data
         )
         yield from knn(train, test, num_classes, self.config).items()

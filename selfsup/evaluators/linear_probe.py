@@ -297,9 +297,10 @@ class Evaluator:
         if config.epochs < 1 or not 0 <= config.warmup_epochs < config.epochs:
             raise UserError("linear_probe: need epochs >= 1 and 0 <= warmup_epochs < epochs")
         self.encode_fn, self.config, self.mesh = encode_fn, config, mesh
+        self.data: dict = {}  # per split: what run() read (features.describe)
 
     def run(self, params: Any) -> Iterator[tuple[str, float]]:
         train, test, num_classes = features_lib.extract_splits(
-            self.encode_fn, params, self.config, self.mesh
+            self.encode_fn, params, self.config, self.mesh, info=self.data
         )
         yield from probe(train, test, num_classes, self.config).items()

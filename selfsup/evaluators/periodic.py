@@ -11,7 +11,8 @@ state's `backbone`, on the training mesh, with no checkpoint round trip. An eval
 of a multi-process run takes part (feature extraction is sharded like training); the loop's
 writer logs the results as `eval/<label>/<metric>` (metrics.jsonl and TensorBoard). With
 `random_init`, the same evaluators also run once on the backbone at random initialisation (the
-baseline pretraining must beat), logged beside them as `random_init/<label>/<metric>`.
+baseline pretraining must beat), logged beside them as `random_init/<label>/<metric>`. The
+`classifier` evaluator reads the run's own head (`params["head"]`, fine-tuning's) as well.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class DuringTraining:
     def run(self, step: int, params: Any, model_state: Any, *, at_end: bool) -> dict[str, float]:
         """{"eval/<label>/<metric>": value, ...} (plus "random_init/..." the first time, with
         `random_init`) for the backbone in `params` / `model_state` (the objective's)."""
-        variables = evaluators.backbone_variables(params, model_state)
+        variables = evaluators.with_head(evaluators.backbone_variables(params, model_state), params)
         results = evaluators.run_all(
             self.configs,
             self.encode_fn,
@@ -62,23 +63,30 @@ class DuringTraining:
         )
         out = {f"eval/{k}": v for k, v in results.items()}
         if self.random_init and self.baseline is None:
-            self.baseline = evaluators.at_random_init(
-                self.configs, self.train_config, mesh=self.mesh
-            )
+            # A random head says nothing: the classifier evaluator has no baseline.
+            probes = [c for c in self.configs if c.name != "classifier"]
+            self.baseline = evaluators.at_random_init(probes, self.train_config, mesh=self.mesh)
             out.update({f"random_init/{k}": v for k, v in self.baseline.items()})
         return out
 
 
 def summary(step: int, results: dict[str, float], baseline: dict[str, float] | None) -> str:
     """One line: each evaluator's top-1 (test split), with the random-init baseline if any."""
+    base = {f"random_init/{k}": v for k, v in (baseline or {}).items()}
+    return f"selfsup: step {step} evaluation: {top1_text({**results, **base})}"
+
+
+def top1_text(results: dict[str, float]) -> str:
+    """ "<label> top-1 X% (random init Y%), ..." from "eval/<label>/top1" and
+    "random_init/<label>/top1" entries; "" when there are none."""
     parts = []
     for key, value in results.items():
         if not (key.startswith("eval/") and key.endswith("/top1")):
             continue
         label = key[len("eval/") : -len("/top1")]
         text = f"{label} top-1 {100 * value:.1f}%"
-        base = (baseline or {}).get(f"{label}/top1")
+        base = results.get(f"random_init/{label}/top1")
         if base is not None:
             text += f" (random init {100 * base:.1f}%)"
         parts.append(text)
-    return f"selfsup: step {step} evaluation: {', '.join(parts)}"
+    return ", ".join(parts)

@@ -13,11 +13,11 @@ it, for layouts that depend on the image size such as ViT's position embedding).
     model.npz           with `npz=True`, for families with `export_npz` (ViT: big_vision
                         layout read by timm's `VisionTransformer.load_pretrained`)
 
-`load_torch` rebuilds the module config.json names and loads the weights with strict=True:
-library "timm" -> `timm.create_model(architecture, **kwargs)`, "torchvision" ->
-`torchvision.models.<architecture>(**kwargs)`, "selfsup" -> `selfsup.export.<module>.<attr>`
-for architecture "<module>.<attr>" (PyTorch modules in this folder, e.g. "resnet_torch.ResNet").
-Only `load_torch` and those modules import torch.
+`load_torch` builds the module as the README's loading snippet does, `getattr(library,
+architecture)(**kwargs)` with `library` = `timm.models`, `torchvision.models`, or for "selfsup"
+the PyTorch module of this folder that config.json's "module" names (e.g. `resnet_torch`: copy
+that one file beside your code), and loads the weights with strict=True. `model(images)` is then
+the pooled embedding [N, D] for every family. Only `load_torch` and those modules import torch.
 """
 
 from __future__ import annotations
@@ -172,9 +172,10 @@ def load_torch(out_dir: str | os.PathLike):
         ) from e
     library, arch = record.get("library"), record.get("architecture")
     kwargs = record.get("kwargs", {})
-    if library not in _BUILDERS:
-        raise UserError(f"{out / CONFIG}: unknown library {library!r}; expected {list(_BUILDERS)}")
-    model = _BUILDERS[library](arch, kwargs)
+    module = torch_library(record, where=out / CONFIG)
+    if not isinstance(arch, str) or not hasattr(module, arch):
+        raise UserError(f"{out / CONFIG}: {library} defines no architecture {arch!r}")
+    model = getattr(module, arch)(**kwargs)
     from safetensors.torch import load_file
 
     weights = out / record.get("files", {}).get("weights", WEIGHTS)
@@ -182,24 +183,18 @@ def load_torch(out_dir: str | os.PathLike):
     return model.eval()
 
 
-def _build_timm(arch: str, kwargs: dict):
-    timm = _import_torch_library("timm")
-    return timm.create_model(arch, pretrained=False, **kwargs)
-
-
-def _build_torchvision(arch: str, kwargs: dict):
-    torchvision = _import_torch_library("torchvision")
-    return torchvision.models.get_model(arch, **kwargs)
-
-
-def _build_selfsup(arch: str, kwargs: dict):
-    module, _, attr = arch.rpartition(".")
-    if not module:
-        raise UserError(f"selfsup export architecture {arch!r} is not '<module>.<attr>'")
-    return getattr(importlib.import_module(f"selfsup.export.{module}"), attr)(**kwargs)
-
-
-_BUILDERS = {"timm": _build_timm, "torchvision": _build_torchvision, "selfsup": _build_selfsup}
+def torch_library(record: dict, where: Any = CONFIG) -> Any:
+    """The Python module whose attribute `record["architecture"]` builds the model: timm.models,
+    torchvision.models, or `selfsup.export.<record["module"]>`."""
+    library = record.get("library")
+    if library in ("timm", "torchvision"):
+        return _import_torch_library(library).models
+    if library == "selfsup":
+        name = record.get("module")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise UserError(f"{where}: library 'selfsup' needs a 'module' (e.g. 'resnet_torch')")
+        return importlib.import_module(f"selfsup.export.{name}")
+    raise UserError(f"{where}: unknown library {library!r}; expected timm, torchvision or selfsup")
 
 
 def _import_torch_library(name: str) -> Any:

@@ -2,8 +2,13 @@
 Semi-Supervised Learners", Sec. 2.3, Eq. 2): distillation with unlabelled examples.
 
 A frozen teacher (a fine-tuned classifier) imputes soft labels; the student (backbone + linear
-`head`) minimises the cross-entropy to them at temperature tau (1 in the paper):
-L = -mean_x sum_y P_T(y | x; tau) log P_S(y | x; tau), P(y | x; tau) = softmax(logits / tau).
+`head`) minimises the cross-entropy to them at temperature tau (1 in the paper), scaled by tau^2
+as the official `add_kd_loss` does (google-research/simclr, `colabs/distillation_self_training.
+ipynb`: `tf.losses.softmax_cross_entropy(teacher_probs, student_logits / T, weights=T**2)`,
+which averages over the batch):
+L = -tau^2 mean_x sum_y P_T(y | x; tau) log P_S(y | x; tau), P(y | x; tau) = softmax(logits / tau).
+The tau^2 keeps the gradients' scale independent of tau (Hinton et al. 2015); at tau = 1 it is the
+paper's Eq. 2.
 No labels are read, so any image source works as the unlabelled set.
 
 The teacher is the `backbone` + `head` (Dense) of a run's checkpoint in `teacher` (a workdir;
@@ -15,10 +20,9 @@ state), the teacher runs in inference mode (running BN statistics, no dropout) o
 view, and the collection is checkpointed with the run, so a resumed run does not depend on the
 teacher's workdir staying the same. The teacher's view normalisation must match the student's.
 
-Deviations from the paper: the loss is the batch mean (the paper writes a sum over examples); the
-optional weighted combination with a labelled cross-entropy (the paper's alternative to Eq. 2
-when many labels exist) is not implemented. The official repository ships distilled
-checkpoints, not distillation code, so there is no code to compare with.
+Deviations from the official code: none in the loss. The optional weighted combination with a
+labelled cross-entropy (the paper's alternative to Eq. 2 when many labels exist) is not
+implemented.
 """
 
 from __future__ import annotations
@@ -43,15 +47,15 @@ COLLECTION = "teacher"
 def distill_loss(
     student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0
 ) -> jax.Array:
-    """Cross-entropy of the student to the teacher's softened predictions: [B, C] x 2 -> scalar.
+    """SimCLRv2's distillation loss: [B, C] x 2 -> scalar.
 
-    -mean_b sum_y softmax(teacher / T)_y * log softmax(student / T)_y. No gradient flows into
-    `teacher_logits`.
+    -T^2 mean_b sum_y softmax(teacher / T)_y * log softmax(student / T)_y, as the official
+    `add_kd_loss`. No gradient flows into `teacher_logits`.
     """
     target = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature)
-    return optax.softmax_cross_entropy(
-        student_logits.astype(jnp.float32) / temperature, target
-    ).mean()
+    student = student_logits.astype(jnp.float32) / temperature
+    cross_entropy = optax.softmax_cross_entropy(student, target)
+    return temperature**2 * cross_entropy.mean()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

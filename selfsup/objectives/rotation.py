@@ -12,12 +12,13 @@ rotated images itself (`normalize`: "imagenet", "none", or a (mean, std) pair of
 per-channel tuples, as the augment op). A per-channel normalisation commutes with rotation, so
 the order only matters for clarity and for specs that would rotate normalised padding.
 
+The rotated copies of one image sit next to each other in the batch (image b at rotation k is
+row 4b + k): image-major, as the official data loader, which stacks each image's four rotations
+and flattens [B, 4, ...] to [4B, ...]. Each device so keeps its own images.
+
 Deviations from the official implementation (gidariss/FeatureLearningRotNet):
 - Any backbone (a ResNet here) with a linear 4-way classifier on its pooled features, in place
   of the paper's NIN / AlexNet whose last layers form the rotation classifier.
-- The rotated copies of one image sit next to each other in the batch (image b at rotation k is
-  row 4b + k), so each device keeps its own images; BatchNorm sees the same 4B images as the
-  official code's rotation-major batch.
 - float32 or optional bf16 compute (`dtype`), the loss always in float32.
 """
 
