@@ -228,12 +228,6 @@ def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, flo
 
     source = data.build_source(config.data, "train")
     data.check_decodes(source, f"config.data ({config.data.source}) split 'train'")
-    if is_main:
-        print(
-            f"selfsup: data: {_data_name(config.data)}: {len(source)} training images, "
-            f"{source.num_classes} classes",
-            file=sys.stderr,
-        )
     loader = data.Loader(
         source,
         config.batch_size,
@@ -256,6 +250,12 @@ def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, flo
         return {"finished_step": latest}
 
     program = build_program(config, mesh, source.num_classes, loader.steps_per_epoch)
+    if is_main:  # after every check the config alone allows: an error stays the only line
+        print(
+            f"selfsup: data: {_data_name(config.data)}: {len(source)} training images, "
+            f"{source.num_classes} classes",
+            file=sys.stderr,
+        )
     model, views_fn = program.model, program.views_fn
     init = state_lib.init_fn(model, program.tx, program.example_views, config.seed)
     state = jax.jit(init, out_shardings=program.state_shardings)()

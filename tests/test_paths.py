@@ -86,7 +86,7 @@ def test_train_resume_eval_and_export_with_a_gs_workdir(bucket, capsys):
 
     knn = str(REPO / "configs" / "eval" / "knn.py:smoke")
     assert cli.main(["eval", "--workdir", "gs://b/run", "--config", knn]) == 0
-    record = json.loads((run / "eval_knn.json").read_text())
+    record = json.loads((run / "eval" / "knn_step3.json").read_text())
     assert record["step"] == 3 and record["workdir"] == "gs://b/run"
     assert cli.main(["export", "--workdir", "gs://b/run", "--out", "gs://b/export"]) == 0
     exported = json.loads((bucket / "b" / "export" / "config.json").read_text())

@@ -84,5 +84,6 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys, mon
 def test_train_without_workdir_is_a_one_line_error(capsys):
     assert cli.main(["train", "--config", SMOKE]) == 2
     assert capsys.readouterr().err.strip() == (
-        "selfsup: error: --workdir is required: the folder (or gs:// URL) the run writes to"
+        "selfsup: error: --workdir is required: the folder (or gs:// URL) the run writes to "
+        "(only --lower-only and --print-config run without one)"
     )
