@@ -249,7 +249,11 @@ def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, flo
             )
         return {"finished_step": latest}
 
-    program = build_program(config, mesh, source.num_classes, loader.steps_per_epoch)
+    try:
+        program = build_program(config, mesh, source.num_classes, loader.steps_per_epoch)
+    except BaseException:
+        ckpt.close()  # an open manager's pending work prints pages of noise at exit
+        raise
     if is_main:  # after every check the config alone allows: an error stays the only line
         print(
             f"selfsup: data: {_data_name(config.data)}: {len(source)} training images, "
