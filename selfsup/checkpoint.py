@@ -341,6 +341,9 @@ class Manager:
                 f"cannot save step {step} in {self.directory}: it already holds step {latest}; "
                 "resume from it (the training loop does) or use a new workdir"
             )
+        # Host arrays become JAX arrays first (float64 -> float32 without x64), so what is saved
+        # is what is summed; the loop's state is JAX arrays already.
+        state = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), state)
         # Summed on the devices before `save` returns: the caller may donate `state` after.
         meta = {
             **meta,

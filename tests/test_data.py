@@ -533,10 +533,10 @@ def test_builtin_defeats_raw_pixel_linear_probes_but_not_shape_features(shapes):
 @pytest.mark.parametrize("column", [False, True])
 def test_npz_labels_of_any_integer_dtype_and_n_by_1(tmp_path, dtype, column):
     labels = (np.arange(12) % 10).astype(dtype)  # no label_names: the classes are counted
-    np.savez(
+    np.savez(  # a train split of its own: no images held out
         tmp_path / "d.npz",
-        images=id_images(np.arange(12), 8),
-        labels=labels[:, None] if column else labels,
+        train_images=id_images(np.arange(12), 8),
+        train_labels=labels[:, None] if column else labels,
     )
     source = data.build_source(
         {"source": "npz", "path": str(tmp_path / "d.npz"), "image_size": 8}, "train"
@@ -554,10 +554,14 @@ def _sixteen_bit_png(values: np.ndarray) -> bytes:
 
 def test_sixteen_bit_pngs_are_scaled_to_eight_bits(tmp_path):
     want = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4  # 0..252
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x.png").write_bytes(_sixteen_bit_png(want.astype(np.uint16) * 257))
-    assert Image.open(tmp_path / "a" / "x.png").mode.startswith("I")  # a 16-bit image indeed
-    source = data.build_source({"source": "folder", "path": str(tmp_path), "image_size": 8}, "x")
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "a" / "x.png").write_bytes(_sixteen_bit_png(want.astype(np.uint16) * 257))
+    assert Image.open(tmp_path / "train" / "a" / "x.png").mode.startswith(
+        "I"
+    )  # a 16-bit image indeed
+    source = data.build_source(
+        {"source": "folder", "path": str(tmp_path), "image_size": 8}, "train"
+    )
     image, _ = source[0]
     np.testing.assert_array_equal(image, np.repeat(want[..., None], 3, axis=-1))
     # The same through an array source (TFDS hands over uint16 arrays for 16-bit images).
@@ -576,15 +580,19 @@ def _jpeg_claiming(width: int, height: int) -> bytes:
 
 
 def test_the_first_decodable_images_skip_and_count_bad_ones(tmp_path, caplog):
-    (tmp_path / "a").mkdir()
+    (tmp_path / "train" / "a").mkdir(parents=True)
     for i in range(6):
-        (tmp_path / "a" / f"{i}.png").write_bytes(png_bytes(id_images(np.array([i]), 8)[0]))
-    (tmp_path / "a" / "1.png").write_bytes(b"not an image")
-    (tmp_path / "a" / "3.png").unlink()
-    (tmp_path / "a" / "3.jpg").write_bytes(_jpeg_claiming(14000, 14000))
+        (tmp_path / "train" / "a" / f"{i}.png").write_bytes(
+            png_bytes(id_images(np.array([i]), 8)[0])
+        )
+    (tmp_path / "train" / "a" / "1.png").write_bytes(b"not an image")
+    (tmp_path / "train" / "a" / "3.png").unlink()
+    (tmp_path / "train" / "a" / "3.jpg").write_bytes(_jpeg_claiming(14000, 14000))
     with pytest.raises(Image.DecompressionBombError):
-        Image.open(tmp_path / "a" / "3.jpg")
-    source = data.build_source({"source": "folder", "path": str(tmp_path), "image_size": 8}, "x")
+        Image.open(tmp_path / "train" / "a" / "3.jpg")
+    source = data.build_source(
+        {"source": "folder", "path": str(tmp_path), "image_size": 8}, "train"
+    )
     caplog.set_level(logging.WARNING)
     images, skipped = data.first_decodable(source, 3)
     assert skipped == 2 and images.shape == (3, 8, 8, 3)
@@ -592,7 +600,7 @@ def test_the_first_decodable_images_skip_and_count_bad_ones(tmp_path, caplog):
     assert sum("3.jpg" in r.getMessage() for r in caplog.records) == 1
     data.check_decodes(source, "x")  # some decode: no error
     for i in (0, 2, 4, 5):
-        (tmp_path / "a" / f"{i}.png").write_bytes(b"truncated")
+        (tmp_path / "train" / "a" / f"{i}.png").write_bytes(b"truncated")
     with pytest.raises(
         UserError, match="none of the first 6 images decodes .*truncated or damaged"
     ):

@@ -532,7 +532,7 @@ def build_torch(tc, spec, state_dict):
         else:
             from selfsup.export import resnet_torch
 
-            module = getattr(resnet_torch, spec["architecture"].split(".")[-1])(**spec["kwargs"])
+            module = getattr(resnet_torch, spec["architecture"])(**spec["kwargs"])
     tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}
     module.load_state_dict(tensors, strict=True, assign=True)
     return module.eval()
@@ -600,7 +600,11 @@ def test_export_of_cifar_stem_and_tiny_resnets_matches_pytorch(tc, variant, over
     state_dict, spec = resnet.export_torch(model, variables)
     depth, width, sk = resnet.parse_variant(variant)
     kwargs = {"depth": depth, "width": width, "sk_ratio": 0.0625 if sk else 0.0, **overrides}
-    assert (spec["library"], spec["architecture"]) == ("selfsup", "resnet_torch.ResNet")
+    assert (spec["library"], spec["module"], spec["architecture"]) == (
+        "selfsup",
+        "resnet_torch",
+        "ResNet",
+    )
     assert spec["kwargs"] == kwargs and json.dumps(spec)
     module = build_torch(tc, spec, state_dict)
     cifar = overrides.get("cifar_stem", False)
