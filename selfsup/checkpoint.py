@@ -482,6 +482,16 @@ def restore_tree(
         mngr.close()
 
 
+def is_intact(workdir: str | os.PathLike, step: int) -> bool:
+    """Whether checkpoint `step` reads back whole and matches its checksums (host NumPy, no
+    devices): before a finished run says it is finished, its last checkpoint must be good."""
+    try:
+        restore_tree(workdir, ("params", "opt_state", "model_state"), step)
+    except DamagedCheckpoint:
+        return False
+    return True
+
+
 def _read_subtrees(
     mngr: ocp.CheckpointManager, directory: Path, step: int, keys: tuple[str, ...]
 ) -> tuple[dict, dict]:

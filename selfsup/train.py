@@ -239,7 +239,8 @@ def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, flo
     ckpt = checkpoint.Manager(workdir, keep=config.keep_checkpoints)
     # Known before anything compiles: a finished run says so at once.
     latest = ckpt.latest_step()
-    if latest is not None and latest >= total_steps:
+    done = latest is not None and latest >= total_steps
+    if done and checkpoint.is_intact(workdir, latest):  # a damaged one is set aside below
         ckpt.close()
         if is_main:
             print(

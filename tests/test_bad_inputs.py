@@ -30,6 +30,7 @@ from PIL import Image
 SMOKE = "configs/quickstart.py:smoke"
 _NOISE = (  # lines a failing run may print before its error; anything else is reported
     re.compile(r"^selfsup: params\+optimizer: "),
+    re.compile(r"^selfsup: data: .* training images, \d+ classes$"),
     re.compile(r"^\s*\d+%\|"),  # tqdm
     re.compile(r"^\s*$"),
 )
