@@ -81,10 +81,7 @@ def lower_train_step(config, platforms: tuple[str, ...], mesh=None) -> Lowered:
     """Build `config`'s program on `mesh` (default: the config's mesh over this machine's
     devices) and lower its train step for each platform; a UserError names what fails."""
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    if config.batch_size % mesh.size:
-        raise UserError(
-            f"config.batch_size={config.batch_size} must be divisible by the {mesh.size} devices"
-        )
+    train.check_batch_size(config, mesh)
     num_classes, examples, notes = dataset_facts(config.data)
     steps_per_epoch = max(1, examples // config.batch_size)
     program = train.build_program(config, mesh, num_classes, steps_per_epoch)

@@ -194,6 +194,14 @@ def build_program(config, mesh, num_classes: int | None, steps_per_epoch: int) -
     )
 
 
+def check_batch_size(config: mlc.ConfigDict, mesh) -> None:
+    """UserError unless the global batch splits evenly over the mesh's devices and processes."""
+    if config.batch_size % mesh.size or config.batch_size % jax.process_count():
+        raise UserError(
+            f"config.batch_size={config.batch_size} must be divisible by the {mesh.size} devices"
+        )
+
+
 def resolve_durations(config: mlc.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
     """(total_steps, warmup_steps) from steps or epochs."""
     total = config.total_steps or math.ceil(config.total_epochs * steps_per_epoch)
@@ -220,10 +228,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, float]
 
 def _train(config: mlc.ConfigDict, workdir: str, is_main: bool) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh)
-    if config.batch_size % mesh.size or config.batch_size % jax.process_count():
-        raise UserError(
-            f"config.batch_size={config.batch_size} must be divisible by the {mesh.size} devices"
-        )
+    check_batch_size(config, mesh)
     evals = periodic.DuringTraining(config, mesh)  # checks its configs before anything compiles
 
     source = data.build_source(config.data, "train")
