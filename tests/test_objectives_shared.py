@@ -98,7 +98,7 @@ def setup(objective: str, family: str):
     return model, views_fn, state, tx, batch
 
 
-@pytest.mark.parametrize("objective, family", pairs())
+@pytest.mark.parametrize("objective, family", list(pairs()))
 def test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
     model, views_fn, state, tx, batch = setup(objective, family)
     grad_fn = train.make_grad_fn(model, views_fn, seed=0)
