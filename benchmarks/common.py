@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark scripts: the library's own train step, timing, FLOPs, peaks.
 
-Every timing here is of `selfsup.train.make_train_step` jitted exactly as `train_and_evaluate`
+Every timing here is of `selfsup.step_lib.make_train_step` jitted exactly as `train_and_evaluate`
 jits it (state donated, out_shardings from the state), fed a global batch of uint8 images: the
 step the user runs, augmentation included. Timings on a shared machine are noisy, so the scripts
 compare A and B interleaved in one process (A, B, A, B, ...) and report medians.
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python benchmarks/run.py` from a checkout
     sys.path.insert(0, str(REPO))
 
-from selfsup import host_memory  # noqa: E402
+from selfsup.train import host_memory  # noqa: E402
 
 # The step timed here is the one `selfsup train` runs, so the process is tuned as that command
 # tunes it on a CPU host, before any thread allocates; SELFSUP_HOST_MEMORY=default leaves it.
@@ -34,9 +34,11 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections as mlc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from selfsup import augment, optim, sharding, train  # noqa: E402
+from selfsup import augment, optim  # noqa: E402
 from selfsup import config as config_lib  # noqa: E402
-from selfsup import state as state_lib  # noqa: E402
+from selfsup.parallel import sharding  # noqa: E402
+from selfsup.train import state as state_lib  # noqa: E402
+from selfsup.train import step as step_lib  # noqa: E402
 
 
 def load_average() -> str:
@@ -126,14 +128,14 @@ class Step:
 
 
 def library_step(config: mlc.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Step:
-    """The loop's jitted train step for `config` (as built in `train.train_and_evaluate`)."""
+    """The loop's jitted train step for `config` (as built in `loop.train_and_evaluate`)."""
     mesh = sharding.make_mesh(config.mesh, devices)
     tx, schedule = optim.build(
         mlc.ConfigDict(config.optim.to_dict()),
         batch_size=config.batch_size,
         total_steps=config.total_steps,
     )
-    model = train.build_model(config, num_classes=10)
+    model = step_lib.build_model(config, num_classes=10)
     views_fn = augment.build(config.views)
     size = config.data.image_size
     shapes = jax.eval_shape(
@@ -149,7 +151,7 @@ def library_step(config: mlc.ConfigDict, devices: Sequence[jax.Device] | None = 
         "label": rng.integers(0, 10, (config.batch_size,), dtype=np.int32),
     }
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in host.items()}
-    step = train.jit_train_step(model, tx, views_fn, config.seed, schedule, mesh, shardings)
+    step = step_lib.jit_train_step(model, tx, views_fn, config.seed, schedule, mesh, shardings)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

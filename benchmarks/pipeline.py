@@ -12,8 +12,8 @@ The consumption side is the MAE ViT-B/16 step's images/s from `throughput.py` (p
 delivers faster than the step consumes never waits for data (the prefetch queue stays full).
 
 The process keeps freed host memory as `selfsup train` does on a CPU host
-(`selfsup/host_memory.py`, applied by `common`), or not with SELFSUP_HOST_MEMORY=default; `--ab`
-runs both settings in alternating fresh processes and prints their delivered images/s side by
+(`selfsup/train/host_memory.py`, applied by `common`), or not with SELFSUP_HOST_MEMORY=default;
+`--ab` runs both settings in alternating fresh processes and prints their delivered images/s side by
 side.
 
     python benchmarks/pipeline.py [--quick] [--consumes IMG_PER_S]
@@ -36,7 +36,8 @@ import common
 import numpy as np
 from PIL import Image
 
-from selfsup import data, sharding
+from selfsup import data
+from selfsup.parallel import sharding
 
 CIFAR = common.REPO.parent / "shared" / "data" / "cifar10_subset.npz"
 

@@ -58,10 +58,12 @@ import ml_collections as mlc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 
-from selfsup import checkpoint, evaluators, sharding  # noqa: E402
 from selfsup import config as config_lib  # noqa: E402
+from selfsup import evaluators  # noqa: E402
 from selfsup.evaluators import features, knn, linear_probe  # noqa: E402
-from selfsup.train import train_and_evaluate  # noqa: E402
+from selfsup.io import checkpoint  # noqa: E402
+from selfsup.parallel import sharding  # noqa: E402
+from selfsup.train.loop import train_and_evaluate  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10_subset.npz"
 TRAIN_IMAGES = 5085

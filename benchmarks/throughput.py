@@ -155,7 +155,7 @@ def run_workload(name: str, w: Workload, rounds: int, compiled: bool) -> list[di
         fns[label] = trainer.step
         compile_s[label] = trainer.compile_s
     # Untimed: in the first rounds the host heap grows to hold every step's buffers at once
-    # (page faults; selfsup.host_memory keeps it from then on), as in a run's first steps.
+    # (page faults; selfsup.train.host_memory keeps it from then on), as in a run's first steps.
     common.interleave(fns, 2)
     times = common.interleave(fns, rounds)
     load = common.load_average()

@@ -16,7 +16,7 @@ not reproduced with selfsup: no run at this scale here). Needs
 `imagenet2012` prepared as ArrayRecord in data_dir (see README, "Bring your own data").
 
 The official code blurs with PIL's GaussianBlur(radius=sigma); here a Gaussian kernel of 10% of
-the image side (selfsup.augment_color). Variant `smoke` shrinks it to run on a CPU in seconds on
+the image side (selfsup.augment.color). Variant `smoke` shrinks it to run on a CPU in seconds on
 the built-in dataset: the chosen variant cut to one block per stage and 8 base channels (no
 zero-initialised BN), with the CIFAR stem (3x3/1, no max-pool), 32-px views, a 32-32-32
 projector, batch 16, 3 steps.

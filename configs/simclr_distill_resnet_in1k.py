@@ -92,7 +92,7 @@ def smoke_teacher() -> str:
     """
     import selfsup
     from selfsup import config as config_lib
-    from selfsup import train
+    from selfsup.train import loop
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), TEACHER_CONFIG)
     overrides = {f"backbone.{k}": repr(v) for k, v in SMOKE_BACKBONE.items()}
@@ -105,7 +105,7 @@ def smoke_teacher() -> str:
     )
     if not os.path.isdir(workdir):
         scratch = tempfile.mkdtemp(prefix="selfsup_smoke_teacher_tmp_")
-        train.train_and_evaluate(config, scratch)
+        loop.train_and_evaluate(config, scratch)
         try:
             os.rename(scratch, workdir)
         except OSError:  # another process finished first

@@ -17,7 +17,7 @@ Needs `imagenet2012` prepared as ArrayRecord in data_dir (see README, "Bring you
 
 Deviations: the official warmup starts at lr 0.3, here at 0; the official LARC divides by
 ||g|| + wd ||w|| where selfsup's LARS divides by ||g + wd w||; the blur kernel is 10% of the
-image side (selfsup.augment_color). Variant `smoke` trains the chosen variant cut to one block per
+image side (selfsup.augment.color). Variant `smoke` trains the chosen variant cut to one block per
 stage and 8 base channels, with the CIFAR stem (3x3/1, no max-pool), on 2 x 32 + 2 x 16 crops of
 the built-in dataset with 30 prototypes and the queue on, in seconds on a CPU.
 """

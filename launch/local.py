@@ -7,7 +7,7 @@ For trying the multi-host code path without a cluster:
         --workdir /tmp/two
 
 Process i gets SELFSUP_COORDINATOR=127.0.0.1:PORT, SELFSUP_NUM_PROCESSES=N and
-SELFSUP_PROCESS_ID=i (read by `selfsup` and `selfsup.distributed.initialize()`),
+SELFSUP_PROCESS_ID=i (read by `selfsup` and `selfsup.parallel.distributed.initialize()`),
 JAX_PLATFORMS=cpu and `--devices-per-process` emulated CPU devices; JAX's CPU collectives use
 gloo. Every output line is prefixed with `[i] `.
 

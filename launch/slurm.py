@@ -9,7 +9,7 @@
 One process per GPU (`--per gpu`, the default: JAX gives task SLURM_LOCALID the GPU of that
 index, so every task must see all the node's GPUs, which `--gpus-per-node` does) or one per node
 (`--per node`: JAX_LOCAL_DEVICE_IDS lists all the node's GPUs). `selfsup` reads the coordinator,
-the process count and its id from SLURM_* inside the `srun` step (selfsup/distributed.py).
+the process count and its id from SLURM_* inside the `srun` step (selfsup/parallel/distributed.py).
 
 Resources: `--cpus-per-task` (default 8 per GPU the task drives: the host decodes images on 8
 threads) and `--mem` (default 0: all of each node's memory). `srun` repeats `--cpus-per-task`
@@ -34,7 +34,7 @@ import sys
 from collections.abc import Sequence
 
 INTERRUPTED = 128 + 15  # selfsup's exit code after SIGTERM, once its checkpoint is saved
-CPUS_PER_GPU = 8  # the data loader's decode threads per process (selfsup/data.py)
+CPUS_PER_GPU = 8  # the data loader's decode threads per process (selfsup/data/loader.py)
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

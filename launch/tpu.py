@@ -23,7 +23,7 @@ generation (v4, v5litepod, v5p, v6e). The code is a copy of this checkout (`loca
 file system). The workdir must be one place every worker writes: a `gs://` bucket URL (selfsup
 is then installed with its `gcs` extra) or a shared mount; all workers write their part of each
 checkpoint there. `--config.key=value` arguments go to `selfsup train`. Processes find each
-other through the TPU metadata server (selfsup/distributed.py).
+other through the TPU metadata server (selfsup/parallel/distributed.py).
 """
 
 from __future__ import annotations

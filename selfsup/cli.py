@@ -9,8 +9,8 @@ Each command is a module in `selfsup/commands/` with `HELP`, `add_arguments(pars
     selfsup data convert IMAGES_OR_NPZ --name NAME --data-dir DIR   # a TFDS dataset, no TF
 
 Every command first joins its multi-process run, if any (`--coordinator`, `--num-processes`,
-`--process-id`, `--distributed`; see selfsup/distributed.py), except those whose module sets
-`LOCAL = True` (`configs`, `data`): they run in one process, without JAX, even on a pod host.
+`--process-id`, `--distributed`; see selfsup/parallel/distributed.py), except those whose module
+sets `LOCAL = True` (`configs`, `data`): they run in one process, without JAX, even on a pod host.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import os
 import pkgutil
 import sys
 
-from selfsup import commands, distributed
+from selfsup import commands
 from selfsup.errors import UserError
+from selfsup.parallel import distributed
 
 
 def _distributed_flags() -> argparse.ArgumentParser:
-    """Flags every command takes to join a multi-process run (see selfsup/distributed.py)."""
+    """Flags every command takes to join a multi-process run (selfsup/parallel/distributed.py)."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("multi-process runs (default: from the environment)")
     group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")

@@ -50,7 +50,7 @@ def defaults() -> mlc.ConfigDict:
         {"source": "builtin", "name": "shapes", "data_dir": "", "path": "", "image_size": 32}
     )
     # Fine-tuning: a new run (no checkpoint in the workdir) copies the backbone from this
-    # pretraining workdir's checkpoint `init_from_step` (0: the latest); see selfsup.finetune.
+    # pretraining workdir's checkpoint `init_from_step` (0: the latest); see selfsup.train.finetune.
     c.init_from = ""
     c.init_from_step = 0
     # Evaluators on the live backbone during training (selfsup.evaluators.periodic): `run` holds

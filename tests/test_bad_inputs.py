@@ -144,7 +144,7 @@ def _checkpoint(tmp: Path, damage: str | None = None) -> None:
     """A checkpoint (steps 2 and 4) as `selfsup train` writes it, of a tiny stand-in state."""
     code = f"""
 import jax.numpy as jnp, numpy as np
-from selfsup import checkpoint
+from selfsup.io import checkpoint
 m = checkpoint.Manager({str(tmp / "run")!r})
 for step in (2, 4):
     rng = np.random.default_rng(step)

@@ -16,8 +16,8 @@ from conftest import REPO
 
 from selfsup import augment, backbones, objectives
 from selfsup import config as config_lib
-from selfsup import state as state_lib
 from selfsup.errors import UserError
+from selfsup.train import state as state_lib
 
 TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py"))
 ALL_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py"))
@@ -90,7 +90,7 @@ def test_distill_smoke_teacher_is_a_tiny_resnet():
         config_lib.load(str(REPO / "configs" / "simclr_distill_resnet_in1k.py:smoke"))
     )
     saved = config_lib.load(str(REPO / "configs" / "supervised_resnet_builtin.py:smoke"))
-    from selfsup import checkpoint
+    from selfsup.io import checkpoint
 
     _, meta = checkpoint.restore_tree(config.objective.teacher, ("params",))
     teacher = meta["config"]["backbone"]

@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides: dict[str, str]) -> int:
-    from selfsup import tfds_convert
+    from selfsup.data import tfds_convert
 
     if overrides:
         raise UserError(f"selfsup data takes no overrides, got --config.{next(iter(overrides))}")

@@ -76,7 +76,7 @@ def summary(record: dict) -> str:
 def record_path(workdir: str, label: str, step: int):
     """`workdir/eval/<label>_step<step>.json`: one file per evaluator (label) and step (an
     `etils.epath.Path`: the workdir may be a URL)."""
-    from selfsup import paths
+    from selfsup.io import paths
 
     return paths.path(workdir) / "eval" / f"{label}_step{step}.json"
 
@@ -90,9 +90,11 @@ def evaluate_checkpoint(
     import jax
     import jax.numpy as jnp
 
-    from selfsup import checkpoint, evaluators, paths, sharding
-    from selfsup import workdir as workdir_lib
+    from selfsup import evaluators
     from selfsup.errors import UserError
+    from selfsup.io import checkpoint, paths
+    from selfsup.io import workdir as workdir_lib
+    from selfsup.parallel import sharding
 
     start = time.perf_counter()
     if paths.is_url(workdir) or os.path.lexists(workdir):  # the record is written there at the end
@@ -154,8 +156,8 @@ def _check_matches(backbone, example, variables: dict, built: dict, saved: dict)
     import jax.numpy as jnp
     import numpy as np
 
-    from selfsup import sharding
     from selfsup.errors import UserError
+    from selfsup.parallel import sharding
 
     abstract = jax.eval_shape(
         backbone.init, jax.random.key(0), jnp.zeros(example.shape, example.dtype)

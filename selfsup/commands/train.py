@@ -29,9 +29,10 @@ def add_arguments(parser) -> None:
 
 
 def tune_process(args) -> None:
-    """Before JAX starts: a CPU training process keeps freed host memory (selfsup/host_memory.py;
-    SELFSUP_HOST_MEMORY=default turns it off). Never on an accelerator host, nor for lowering."""
-    from selfsup import host_memory
+    """Before JAX starts: a CPU training process keeps freed host memory
+    (selfsup/train/host_memory.py; SELFSUP_HOST_MEMORY=default turns it off). Never on an
+    accelerator host, nor for lowering."""
+    from selfsup.train import host_memory
 
     if not (args.lower_only or args.print_config) and host_memory.jax_runs_on_cpu_only():
         host_memory.keep_freed_memory()
@@ -45,7 +46,7 @@ def run(args, overrides: dict[str, str]) -> int:
         print(config_lib.to_json(config))
         return 0
     if args.lower_only:
-        from selfsup import lower
+        from selfsup.train import lower
 
         platforms = lower.parse_platforms(args.lower_only)
         for line in lower.report(lower.lower_train_step(config, platforms), config):
@@ -57,12 +58,12 @@ def run(args, overrides: dict[str, str]) -> int:
             "(only --lower-only and --print-config run without one)"
         )
 
-    from selfsup import train
     from selfsup.evaluators import periodic
+    from selfsup.train import loop
 
     try:
-        result = train.train_and_evaluate(config, args.workdir)
-    except train.Interrupted as e:
+        result = loop.train_and_evaluate(config, args.workdir)
+    except loop.Interrupted as e:
         print(f"selfsup: {e}", file=sys.stderr)
         return 128 + e.signum
     if "loss" in result:

@@ -38,10 +38,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from selfsup import augment, backbones, sharding
+from selfsup import augment, backbones
 from selfsup import config as config_lib
 from selfsup.errors import UserError
 from selfsup.evaluators.features import EncodeFn, view_fn
+from selfsup.parallel import sharding
 
 DATA_KEYS = ("source", "name", "data_dir", "path", "image_size")
 

@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfsup import augment, data, sharding
+from selfsup import augment, data
 from selfsup.backbones import Features
 from selfsup.errors import UserError
+from selfsup.parallel import sharding
 
 EncodeFn = Callable[[Any, jax.Array], Features]
 

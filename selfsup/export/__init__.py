@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from selfsup import __version__, paths
+from selfsup import __version__
 from selfsup.errors import UserError
+from selfsup.io import paths
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -53,7 +54,8 @@ def export(
     Returns the content of config.json. UserError for a missing or damaged checkpoint, a
     backbone family without `export_torch` (or `export_npz` with `npz`).
     """
-    from selfsup import backbones, checkpoint
+    from selfsup import backbones
+    from selfsup.io import checkpoint
 
     trees, meta = checkpoint.restore_tree(workdir, ("params", "model_state"), step)
     config = meta.get("config")

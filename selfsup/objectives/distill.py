@@ -13,7 +13,7 @@ No labels are read, so any image source works as the unlabelled set.
 
 The teacher is the `backbone` + `head` (Dense) of a run's checkpoint in `teacher` (a workdir;
 a `supervised` fine-tuning run, or a `distill` run for another round): its parameters and
-BatchNorm statistics are read as host arrays (`selfsup.checkpoint.restore_tree`), its
+BatchNorm statistics are read as host arrays (`selfsup.io.checkpoint.restore_tree`), its
 architecture from the checkpoint's config. They live in the objective's "teacher" collection,
 outside "params": the optimiser never sees them (no gradient, update, weight decay or optimiser
 state), the teacher runs in inference mode (running BN statistics, no dropout) on the student's
@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from selfsup import backbones, checkpoint
+from selfsup import backbones
 from selfsup.errors import UserError
+from selfsup.io import checkpoint
 
 COLLECTION = "teacher"
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from selfsup import augment
+from selfsup.augment import normalization
 from selfsup.errors import UserError
 
 NUM_ROTATIONS = 4
@@ -64,9 +64,9 @@ def rotation_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
 def _normalizer(spec: Any):
     """augment's normalize op from "imagenet" / "none" / (mean, std)."""
     if isinstance(spec, str):
-        return augment.normalize(spec)
+        return normalization.normalize(spec)
     if isinstance(spec, tuple | list) and len(spec) == 2:
-        return augment.normalize(
+        return normalization.normalize(
             tuple(spec[0]) if isinstance(spec[0], list) else spec[0],
             tuple(spec[1]) if isinstance(spec[1], list) else spec[1],
         )
