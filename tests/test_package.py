@@ -36,3 +36,34 @@ def test_importing_selfsup_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _readme_layout() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return readme.split("## Layout\n\n```\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_layout_and_the_package_tell_the_same_story():
+    """Every sub-package of selfsup/ is in the README's layout, every module of the sub-packages
+    whose modules the layout lists file by file too, and every file the layout names exists."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "selfsup"
+    layout = _readme_layout()
+    subpackages = sorted(p.name for p in package.iterdir() if (p / "__init__.py").exists())
+    missing = [
+        f"{name}/" for name in subpackages if not re.search(rf"^  (?:\S+, )*{name}/", layout, re.M)
+    ]
+    assert not missing, f"sub-packages missing from the README's layout: {missing}"
+    listed_by_file = ("train", "parallel", "io", "data", "augment", "optim")
+    modules = [
+        f"{p.parent.name}/{p.name}"
+        for name in listed_by_file
+        for p in sorted((package / name).glob("*.py"))
+        if not p.name.startswith("__")
+    ]
+    unlisted = [m for m in modules if m.split("/")[1] not in layout]
+    assert not unlisted, f"modules missing from the README's layout: {unlisted}"
+    named = set(re.findall(r"\b([a-z_]+\.py)\b", layout))
+    existing = {p.name for p in package.rglob("*.py")}
+    assert named <= existing, f"the layout names files that do not exist: {named - existing}"
