@@ -53,13 +53,18 @@ class Mask:
     mode: str = struct.field(pytree_node=False, default="drop")
 
 
+def family(backbone: nn.Module) -> str:
+    """The backbone's family, the name of its module ("vit" for `selfsup.backbones.vit.Model`)."""
+    return type(backbone).__module__.rsplit(".", 1)[-1]
+
+
 def check_mask_mode(backbone: nn.Module, mode: str, objective: str) -> None:
     """Raise a UserError when `backbone` cannot serve mask `mode` (called at build time)."""
     supported = getattr(backbone, "mask_modes", ())
     if mode not in supported:
         raise UserError(
             f"objective '{objective}' needs mask mode '{mode}', which backbone "
-            f"'{type(backbone).__module__.rsplit('.', 1)[-1]}' does not support "
+            f"'{family(backbone)}' does not support "
             f"(it supports: {', '.join(supported) or 'none'}); pick a backbone that does."
         )
 

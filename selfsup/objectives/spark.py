@@ -55,7 +55,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from selfsup.backbones import Mask, check_mask_mode
+from selfsup.backbones import Mask, check_mask_mode, family
 from selfsup.errors import UserError
 from selfsup.objectives.mae import patchify, unpatchify
 from selfsup.ops import LayerNorm, conv_general_dilated, conv_transpose_4x4_s2
@@ -310,8 +310,7 @@ class Objective(nn.Module):
     def setup(self):
         norm = self.densify_norm
         if norm == "auto":
-            family = type(self.backbone).__module__.rsplit(".", 1)[-1]
-            norm = {"resnet": "bn", "convnext": "ln"}.get(family, "none")
+            norm = {"resnet": "bn", "convnext": "ln"}.get(family(self.backbone), "none")
         self.densify = [
             Densify(
                 norm,
