@@ -2,6 +2,11 @@
 
 A family is found by its module name (`config.backbone.name = "vit"` imports
 `selfsup.backbones.vit`), so adding one is adding one file.
+
+A Model may declare its layers for layer-wise learning-rate decay (`optim.layer_decay`):
+`num_layers` (L) and `layer_id(path) -> int` in 0..L for a '/'-joined parameter path inside the
+backbone ("blocks_3/attn/qkv/kernel"): 0 for the input embedding, L for what follows the last
+layer. `selfsup.train.finetune.layer_decay_multipliers` reads them.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ Deviations from the official implementation (facebookresearch/ConvNeXt, SparK):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -174,6 +175,7 @@ class Model(nn.Module):
     mask_modes = ("sparse",)
     mutable = ()  # Flax collections written in training
     rng_streams = ("drop_path",)  # random streams drawn in training
+    num_layers = 5  # layer-wise LR decay: stem 0, stages 1-4, head norm 5 (see `layer_id`)
 
     def __post_init__(self):
         self.arch()  # validates the variant and overrides when the module is built
@@ -205,6 +207,15 @@ class Model(nn.Module):
     def stage_dims(self) -> tuple[int, ...]:
         """Channels of the 4 feature maps (strides 4, 8, 16, 32)."""
         return self.arch()[1]
+
+    def layer_id(self, path: str) -> int:
+        """Layer of the parameter at `path` (inside the backbone) for layer-wise LR decay, stage
+        by stage: the stem 0, stage s (`stages_{s-1}`) s, the head norm `num_layers`. (The
+        official scheme also splits stage 3 into groups of 3 blocks.)"""
+        if path.startswith("stem_"):
+            return 0
+        stage = re.match(r"stages_(\d+)/", path)
+        return int(stage[1]) + 1 if stage else self.num_layers
 
     @nn.compact
     def __call__(

@@ -255,6 +255,7 @@ class Model(_Layers):
 
     mutable = ("batch_stats",)  # Flax collections written in training
     rng_streams = ()  # random streams drawn in training
+    num_layers = 5  # layer-wise LR decay: stem 0, stages 1-4, a head 5 (see `layer_id`)
 
     def __post_init__(self):
         self.arch()
@@ -289,6 +290,14 @@ class Model(_Layers):
         """Channels of the pooled output."""
         bottleneck, _, c, _ = self.arch()
         return 8 * c * (4 if bottleneck else 1)
+
+    def layer_id(self, path: str) -> int:
+        """Layer of the parameter at `path` (inside the backbone) for layer-wise LR decay, stage
+        by stage: the stem (`conv1`, `bn1`, `stem_*`) 0, stage s (`layer{s}_*`) s."""
+        if re.match(r"(conv1|bn1|stem_)", path):
+            return 0
+        stage = re.match(r"layer(\d+)_\d+/", path)
+        return int(stage[1]) if stage else self.num_layers
 
     @nn.compact
     def __call__(

@@ -15,6 +15,7 @@ Deviation from ml-aim: no LayerNorm on the patch embeddings (ml-aim's `PatchEmbe
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -215,6 +216,20 @@ class Model(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.dims()[0]
+
+    @property
+    def num_layers(self) -> int:
+        """Layers for layer-wise LR decay (see `layer_id`): depth + 1."""
+        return self.dims()[1] + 1
+
+    def layer_id(self, path: str) -> int:
+        """Layer of the parameter at `path` (inside the backbone) for layer-wise LR decay, as
+        MAE's `lr_decay.py`: patch embedding, cls and mask tokens 0, block i i + 1, the final
+        norm `num_layers`."""
+        if re.match(r"(patch_embed|cls_token|mask_token|pos_embed)", path):
+            return 0
+        block = re.match(r"blocks_(\d+)/", path)
+        return int(block[1]) + 1 if block else self.num_layers
 
     @nn.compact
     def __call__(
