@@ -328,7 +328,7 @@ def test_config_errors():
 
 SHARDED = r"""
 import json, sys
-sys.path.insert(0, "tests/backbones")
+sys.path[:0] = ["tests", "tests/backbones"]  # test_convnext imports conftest
 import jax, jax.numpy as jnp, numpy as np
 from selfsup.parallel import sharding
 from selfsup.backbones import Mask, convnext
