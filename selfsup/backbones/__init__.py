@@ -2,6 +2,11 @@
 
 A family is found by its module name (`config.backbone.name = "vit"` imports
 `selfsup.backbones.vit`), so adding one is adding one file.
+
+A Model may declare its layers for layer-wise learning-rate decay (`optim.layer_decay`):
+`num_layers` (L) and `layer_id(path) -> int` in 0..L for a '/'-joined parameter path inside the
+backbone ("blocks_3/attn/qkv/kernel"): 0 for the input embedding, L for what follows the last
+layer. `selfsup.train.finetune.layer_decay_multipliers` reads them.
 """
 
 from __future__ import annotations
@@ -53,13 +58,18 @@ class Mask:
     mode: str = struct.field(pytree_node=False, default="drop")
 
 
+def family(backbone: nn.Module) -> str:
+    """The backbone's family, the name of its module ("vit" for `selfsup.backbones.vit.Model`)."""
+    return type(backbone).__module__.rsplit(".", 1)[-1]
+
+
 def check_mask_mode(backbone: nn.Module, mode: str, objective: str) -> None:
     """Raise a UserError when `backbone` cannot serve mask `mode` (called at build time)."""
     supported = getattr(backbone, "mask_modes", ())
     if mode not in supported:
         raise UserError(
             f"objective '{objective}' needs mask mode '{mode}', which backbone "
-            f"'{type(backbone).__module__.rsplit('.', 1)[-1]}' does not support "
+            f"'{family(backbone)}' does not support "
             f"(it supports: {', '.join(supported) or 'none'}); pick a backbone that does."
         )
 

@@ -9,7 +9,7 @@ head LayerNorm (timm's `forward_head(pre_logits=True)`).
 
 Parameter names mirror timm's `ConvNeXt` (`stem_0` -> `stem.0`, `stages_1/downsample_1` ->
 `stages.1.downsample.1`, `stages_i/blocks_j/{conv_dw,norm,mlp/fc1,mlp/fc2,gamma}`,
-`head_norm` -> `head.norm`), so `export_torch` is a key-by-key mapping.
+`head_norm` -> `head.norm`), so the export (selfsup/export/convnext.py) is a key-by-key mapping.
 
 Mask mode `sparse` follows SparK (Tian et al. 2023, keyu-tian/SparK `encoder.py`): the mask is
 a bool grid on the stride-32 cells (True = masked), repeated up to each stage's resolution; the
@@ -30,13 +30,13 @@ Deviations from the official implementation (facebookresearch/ConvNeXt, SparK):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from selfsup.backbones import Features, Mask
 from selfsup.backbones.vit import DropPath
@@ -175,6 +175,7 @@ class Model(nn.Module):
     mask_modes = ("sparse",)
     mutable = ()  # Flax collections written in training
     rng_streams = ("drop_path",)  # random streams drawn in training
+    num_layers = 5  # layer-wise LR decay: stem 0, stages 1-4, head norm 5 (see `layer_id`)
 
     def __post_init__(self):
         self.arch()  # validates the variant and overrides when the module is built
@@ -206,6 +207,15 @@ class Model(nn.Module):
     def stage_dims(self) -> tuple[int, ...]:
         """Channels of the 4 feature maps (strides 4, 8, 16, 32)."""
         return self.arch()[1]
+
+    def layer_id(self, path: str) -> int:
+        """Layer of the parameter at `path` (inside the backbone) for layer-wise LR decay, stage
+        by stage: the stem 0, stage s (`stages_{s-1}`) s, the head norm `num_layers`. (The
+        official scheme also splits stage 3 into groups of 3 blocks.)"""
+        if path.startswith("stem_"):
+            return 0
+        stage = re.match(r"stages_(\d+)/", path)
+        return int(stage[1]) + 1 if stage else self.num_layers
 
     @nn.compact
     def __call__(
@@ -273,90 +283,3 @@ class Model(nn.Module):
         return Features(
             pooled=pooled, feature_maps=tuple(feature_maps), intermediates=intermediates
         )
-
-
-def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], dict]:
-    """(state_dict, spec) for timm's `convnext_<variant>(num_classes=0)`.
-
-    variables: {"params": backbone params} as host arrays (ConvNeXt has no batch statistics).
-    state_dict: timm's names -> float32 arrays (conv OIHW, linear [out, in]; [out, in, 1, 1]
-    for atto..nano, which timm builds with 1x1 convs). Every parameter must be consumed.
-    """
-    depths, dims = model.arch()
-    params = variables["params"]
-    conv_mlp = model.variant in CONV_MLP
-    state: dict[str, np.ndarray] = {}
-    used: set[str] = set()
-
-    def get(path: str) -> np.ndarray:
-        node = params
-        for part in path.split("/"):
-            if part not in node:
-                raise UserError(f"convnext export: the parameters have no '{path}'")
-            node = node[part]
-        used.add(path)
-        return np.asarray(node, np.float32)
-
-    def put(name: str, value: np.ndarray, shape: tuple[int, ...]) -> None:
-        if value.shape != shape:
-            raise UserError(
-                f"convnext export: {name} has shape {value.shape}, timm expects {shape}; the "
-                "parameters do not match the backbone config"
-            )
-        state[name] = np.ascontiguousarray(value)
-
-    def conv(src: str, dst: str, out: int, inp: int, k: int) -> None:
-        # HWIO -> OIHW (a depthwise kernel [k, k, 1, C] becomes [C, 1, k, k]).
-        put(f"{dst}.weight", get(f"{src}/kernel").transpose(3, 2, 0, 1), (out, inp, k, k))
-        put(f"{dst}.bias", get(f"{src}/bias"), (out,))
-
-    def norm(src: str, dst: str, c: int) -> None:
-        put(f"{dst}.weight", get(f"{src}/scale"), (c,))
-        put(f"{dst}.bias", get(f"{src}/bias"), (c,))
-
-    def linear(src: str, dst: str, out: int, inp: int) -> None:
-        weight = get(f"{src}/kernel").T  # [in, out] -> [out, in]
-        shape = (out, inp)
-        if conv_mlp:
-            weight, shape = weight[:, :, None, None], (out, inp, 1, 1)
-        put(f"{dst}.weight", weight, shape)
-        put(f"{dst}.bias", get(f"{src}/bias"), (out,))
-
-    conv("stem_0", "stem.0", dims[0], 3, 4)
-    norm("stem_1", "stem.1", dims[0])
-    for i, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
-        if i > 0:
-            norm(f"stages_{i}/downsample_0", f"stages.{i}.downsample.0", dims[i - 1])
-            conv(f"stages_{i}/downsample_1", f"stages.{i}.downsample.1", dim, dims[i - 1], 2)
-        for j in range(depth):
-            src, dst = f"stages_{i}/blocks_{j}", f"stages.{i}.blocks.{j}"
-            conv(f"{src}/conv_dw", f"{dst}.conv_dw", dim, 1, KERNEL)
-            norm(f"{src}/norm", f"{dst}.norm", dim)
-            linear(f"{src}/mlp/fc1", f"{dst}.mlp.fc1", 4 * dim, dim)
-            linear(f"{src}/mlp/fc2", f"{dst}.mlp.fc2", dim, 4 * dim)
-            if model.layer_scale_init is None:
-                # timm's create_model drops None kwargs, so its blocks always have a layer
-                # scale: ones leave the branch unscaled.
-                put(f"{dst}.gamma", np.ones(dim, np.float32), (dim,))
-            else:
-                put(f"{dst}.gamma", get(f"{src}/gamma"), (dim,))
-    norm("head_norm", "head.norm", dims[-1])
-
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    names = {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves}
-    if names - used:
-        raise UserError(
-            f"convnext export: parameter '{sorted(names - used)[0]}' has no timm counterpart; "
-            "the parameters do not match the backbone config"
-        )
-
-    kwargs: dict[str, Any] = {"num_classes": 0}
-    if (depths, dims) != VARIANTS[model.variant]:
-        kwargs.update(depths=list(depths), dims=list(dims))
-    spec = {
-        "library": "timm",
-        "architecture": f"convnext_{model.variant}",
-        "kwargs": kwargs,
-        "pooling": "avg",
-    }
-    return state, spec

@@ -15,9 +15,9 @@ softmax over the two branches weights their sum. Basic blocks keep plain 3x3 con
 
 Padding is explicit and symmetric, equal to PyTorch's: every k x k conv pads (k - 1) / 2 (but
 the CIFAR stem's), the stem max-pool is k=3, s=2, p=1 with -inf padding. Parameter names mirror
-torchvision's (`conv1`, `bn1`, `layer{s}_{i}/conv1`, `downsample_conv`), so `export_torch` is a
-key-by-key mapping; initialisation follows torchvision (He-normal fan_out convs, BN scale 1 and
-bias 0).
+torchvision's (`conv1`, `bn1`, `layer{s}_{i}/conv1`, `downsample_conv`), so the export
+(selfsup/export/resnet.py) is a key-by-key mapping; initialisation follows torchvision
+(He-normal fan_out convs, BN scale 1 and bias 0).
 
 `cifar_stem=True` is solo-learn's CIFAR setting (its `methods/base.py`, which lightly's CIFAR
 benchmarks share): the stem is one 3x3 stride-1 conv with padding 2 (as theirs, so a 32-px image
@@ -54,7 +54,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from selfsup.backbones import Features, Mask
 from selfsup.errors import UserError
@@ -256,6 +255,7 @@ class Model(_Layers):
 
     mutable = ("batch_stats",)  # Flax collections written in training
     rng_streams = ()  # random streams drawn in training
+    num_layers = 5  # layer-wise LR decay: stem 0, stages 1-4, a head 5 (see `layer_id`)
 
     def __post_init__(self):
         self.arch()
@@ -290,6 +290,14 @@ class Model(_Layers):
         """Channels of the pooled output."""
         bottleneck, _, c, _ = self.arch()
         return 8 * c * (4 if bottleneck else 1)
+
+    def layer_id(self, path: str) -> int:
+        """Layer of the parameter at `path` (inside the backbone) for layer-wise LR decay, stage
+        by stage: the stem (`conv1`, `bn1`, `stem_*`) 0, stage s (`layer{s}_*`) s."""
+        if re.match(r"(conv1|bn1|stem_)", path):
+            return 0
+        stage = re.match(r"layer(\d+)_\d+/", path)
+        return int(stage[1]) if stage else self.num_layers
 
     @nn.compact
     def __call__(
@@ -358,135 +366,3 @@ class Model(_Layers):
                 f"{tuple(mask.value.shape)}"
             )
         return jnp.logical_not(mask.value)
-
-
-# ---------------------------------------------------------------- export to PyTorch
-
-
-def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], dict]:
-    """variables {"params", "batch_stats"} of a `Model` (host NumPy) -> (state_dict, spec).
-
-    Width 1 without SK, with the ImageNet stem and the variant's blocks and channels maps onto
-    torchvision's `resnet{18,34,50,101,152}`, built with num_classes = D and an identity `fc`
-    (so that the model's output is the pooled embedding [N, D]), and timm's `resnet200` (the
-    same names; num_classes=0, no fc); anything else onto `ResNet(depth, width, sk_ratio, ...)`
-    of `selfsup/export/resnet_torch.py` (spec "module"), which also takes `cifar_stem`, `blocks`
-    and `channels` (a CIFAR-stem ResNet's weights keep torchvision's names: see that module for
-    loading them into torchvision's model). Conv kernels go from [kh, kw, in, out] to OIHW; BN
-    scale/bias/mean/var to weight/bias/running_mean/running_var, with num_batches_tracked 0
-    (int64, PyTorch's dtype).
-    """
-    depth, width, sk = parse_variant(model.variant)
-    bottleneck, blocks, c, _ = model.arch()
-    params = variables["params"]
-    stats = variables.get("batch_stats")
-    if not stats:
-        raise UserError("resnet export needs the backbone's batch_stats beside its params")
-    state: dict[str, np.ndarray] = {}
-    used: set[str] = set()
-
-    def leaf(tree: dict, path: str, key: str, shape: tuple) -> np.ndarray:
-        node = tree
-        for part in path.split("/"):
-            node = node[part]
-        value = np.asarray(node[key], np.float32)
-        if value.shape != shape:
-            raise ValueError(f"resnet export: {path}/{key} has shape {value.shape}, not {shape}")
-        used.add(f"{path}/{key}")
-        return value
-
-    def conv(torch_name: str, path: str, cin: int, cout: int, k: int) -> None:
-        kernel = leaf(params, path, "kernel", (k, k, cin, cout))
-        state[f"{torch_name}.weight"] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
-
-    def bn(torch_name: str, path: str, c: int) -> None:
-        state[f"{torch_name}.weight"] = leaf(params, path, "scale", (c,))
-        state[f"{torch_name}.bias"] = leaf(params, path, "bias", (c,))
-        state[f"{torch_name}.running_mean"] = leaf(stats, path, "mean", (c,))
-        state[f"{torch_name}.running_var"] = leaf(stats, path, "var", (c,))
-        state[f"{torch_name}.num_batches_tracked"] = np.array(0, np.int64)
-
-    if model.cifar_stem:
-        conv("conv1", "conv1", 3, c, 3)
-    elif sk:
-        conv("stem_conv1", "stem_conv1", 3, c // 2, 3)
-        bn("stem_bn1", "stem_bn1", c // 2)
-        conv("stem_conv2", "stem_conv2", c // 2, c // 2, 3)
-        bn("stem_bn2", "stem_bn2", c // 2)
-        conv("conv1", "conv1", c // 2, c, 3)
-    else:
-        conv("conv1", "conv1", 3, c, 7)
-    bn("bn1", "bn1", c)
-
-    cin = c
-    for stage, n in enumerate(blocks):
-        p = c * 2**stage
-        cout = 4 * p if bottleneck else p
-        for i in range(n):
-            t, f = f"layer{stage + 1}.{i}", f"layer{stage + 1}_{i}"
-            if bottleneck:
-                conv(f"{t}.conv1", f"{f}/conv1", cin, p, 1)
-                bn(f"{t}.bn1", f"{f}/bn1", p)
-                if sk:
-                    conv(f"{t}.conv2.conv", f"{f}/conv2/conv", p, 2 * p, 3)
-                    bn(f"{t}.conv2.bn", f"{f}/conv2/bn", 2 * p)
-                    conv(f"{t}.conv2.fc1", f"{f}/conv2/fc1", p, sk_mid_dim(p), 1)
-                    bn(f"{t}.conv2.fc_bn", f"{f}/conv2/fc_bn", sk_mid_dim(p))
-                    conv(f"{t}.conv2.fc2", f"{f}/conv2/fc2", sk_mid_dim(p), 2 * p, 1)
-                else:
-                    conv(f"{t}.conv2", f"{f}/conv2", p, p, 3)
-                    bn(f"{t}.bn2", f"{f}/bn2", p)
-                conv(f"{t}.conv3", f"{f}/conv3", p, cout, 1)
-                bn(f"{t}.bn3", f"{f}/bn3", cout)
-            else:
-                conv(f"{t}.conv1", f"{f}/conv1", cin, p, 3)
-                bn(f"{t}.bn1", f"{f}/bn1", p)
-                conv(f"{t}.conv2", f"{f}/conv2", p, p, 3)
-                bn(f"{t}.bn2", f"{f}/bn2", p)
-            if (stage > 0 and i == 0) or cin != cout:
-                j = 1 if sk else 0  # ResNet-D: downsample.0 is the (parameter-free) pool
-                conv(f"{t}.downsample.{j}", f"{f}/downsample_conv", cin, cout, 1)
-                bn(f"{t}.downsample.{j + 1}", f"{f}/downsample_bn", cout)
-            cin = cout
-
-    flat = {
-        jax.tree_util.keystr(path, simple=True, separator="/")
-        for tree in (params, stats)
-        for path, _ in jax.tree_util.tree_leaves_with_path(tree)
-    }
-    if flat != used:
-        raise ValueError(f"resnet export: unmapped variables {sorted(flat - used)[:5]}")
-
-    overrides = {
-        k: v
-        for k, v in (
-            ("cifar_stem", model.cifar_stem),
-            ("blocks", list(blocks) if blocks != DEPTHS[depth][1] else None),
-            ("channels", model.channels if c != 64 * width else None),
-        )
-        if v
-    }
-    if width == 1 and not sk and not overrides:
-        if depth == 200:  # torchvision has no resnet200; timm's uses the same names
-            spec = {"library": "timm", "architecture": "resnet200"}
-        else:
-            # torchvision's ResNet always ends in `fc` (num_classes=0 makes an empty Linear and
-            # [N, 0] outputs): an identity fc makes model(images) the pooled embedding [N, D].
-            spec = {"library": "torchvision", "architecture": f"resnet{depth}"}
-            state["fc.weight"] = np.eye(cin, dtype=np.float32)
-            state["fc.bias"] = np.zeros((cin,), np.float32)
-        spec["kwargs"] = {"num_classes": cin if spec["library"] == "torchvision" else 0}
-    else:
-        spec = {
-            "library": "selfsup",
-            "module": "resnet_torch",
-            "architecture": "ResNet",
-            "kwargs": {
-                "depth": depth,
-                "width": width,
-                "sk_ratio": SK_RATIO if sk else 0.0,
-                **overrides,
-            },
-        }
-    spec["pooling"] = "avg"
-    return state, spec

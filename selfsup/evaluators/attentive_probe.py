@@ -31,6 +31,7 @@ import numpy as np
 from selfsup.errors import UserError
 from selfsup.evaluators import features as features_lib
 from selfsup.evaluators import linear_probe
+from selfsup.ops import torch_default_init
 
 
 def defaults() -> mlc.ConfigDict:
@@ -78,11 +79,7 @@ def head_init(key: jax.Array, dim: int, num_classes: int, num_heads: int) -> dic
     The query is stored as [heads, D / heads] so that `head_apply` reads the head count from it.
     """
     kq, kk, kv, kl = jax.random.split(key, 4)
-    bound = 1.0 / np.sqrt(dim)
-
-    def uniform(k, shape):
-        return jax.random.uniform(k, shape, jnp.float32, -bound, bound)
-
+    uniform = torch_default_init(dim)
     return {
         "query": 0.02 * jax.random.normal(kq, (num_heads, dim // num_heads), jnp.float32),
         "k": uniform(kk, (dim, dim)),

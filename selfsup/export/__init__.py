@@ -2,9 +2,10 @@
 
 `export` reads the checkpoint's `params` and `model_state` as host NumPy (no devices), builds the
 backbone from the config saved in the checkpoint (`meta["config"]["backbone"]`), and hands the
-`backbone` subtrees to its family module's `export_torch(model, variables) -> (state_dict, spec)`
-(`selfsup/backbones/<family>.py`; a keyword `input_size=(H, W)` is passed to the ones that take
-it, for layouts that depend on the image size such as ViT's position embedding). It writes:
+`backbone` subtrees to its family's mapping in this folder, `export_torch(model, variables) ->
+(state_dict, spec)` of `selfsup/export/<family>.py` (vit.py, resnet.py, convnext.py; a keyword
+`input_size=(H, W)` is passed to the ones that take it, for layouts that depend on the image size
+such as ViT's position embedding). It writes:
 
     model.safetensors   the state dict, float32, PyTorch names and layouts
     config.json         spec ({"library", "architecture", "kwargs", "pooling"}), input_size
@@ -15,9 +16,10 @@ it, for layouts that depend on the image size such as ViT's position embedding).
 
 `load_torch` builds the module as the README's loading snippet does, `getattr(library,
 architecture)(**kwargs)` with `library` = `timm.models`, `torchvision.models`, or for "selfsup"
-the PyTorch module of this folder that config.json's "module" names (e.g. `resnet_torch`: copy
-that one file beside your code), and loads the weights with strict=True. `model(images)` is then
-the pooled embedding [N, D] for every family. Only `load_torch` and those modules import torch.
+the PyTorch module of this folder that config.json's "module" names (`<family>_torch.py`, e.g.
+`resnet_torch`: copy that one file beside your code), and loads the weights with strict=True.
+`model(images)` is then the pooled embedding [N, D] for every family. Only `load_torch` and those
+modules import torch.
 """
 
 from __future__ import annotations
@@ -67,14 +69,16 @@ def export(
     backbone = dict(config["backbone"])
     name = backbone.pop("name", None)
     model = backbones.build(name, **backbone)
-    module = importlib.import_module(type(model).__module__)
-    export_torch = getattr(module, "export_torch", None)
+    family = backbones.family(model)
+    mapping = _mapping(family)
+    export_torch = getattr(mapping, "export_torch", None)
     if export_torch is None:
         raise UserError(
-            f"backbone '{name}' has no PyTorch export (selfsup.backbones.{name} defines no "
-            f"export_torch); exportable backbones: {', '.join(exportable()) or 'none'}"
+            f"backbone '{family}' has no PyTorch export (no export_torch in "
+            f"selfsup/export/{family}.py); exportable backbones: "
+            f"{', '.join(exportable()) or 'none'}"
         )
-    export_npz = getattr(module, "export_npz", None)
+    export_npz = getattr(mapping, "export_npz", None)
     if npz and export_npz is None:
         raise UserError(f"backbone '{name}' has no .npz export; run without --npz")
 
@@ -119,15 +123,21 @@ def export(
 
 
 def exportable() -> list[str]:
-    """Backbone families whose module defines `export_torch`."""
+    """Backbone families whose mapping `selfsup.export.<family>` defines `export_torch`."""
     from selfsup import backbones
 
-    names = []
-    for info in pkgutil.iter_modules(backbones.__path__):
-        module = importlib.import_module(f"selfsup.backbones.{info.name}")
-        if hasattr(module, "export_torch"):
-            names.append(info.name)
-    return sorted(names)
+    families = (info.name for info in pkgutil.iter_modules(backbones.__path__))
+    return sorted(f for f in families if hasattr(_mapping(f), "export_torch"))
+
+
+def _mapping(family: str) -> Any:
+    """The export mapping of a backbone family, `selfsup.export.<family>`, or None."""
+    try:
+        return importlib.import_module(f"{__name__}.{family}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{family}":
+            raise
+        return None
 
 
 def view_geometry(config: dict) -> tuple[int, int, int, list[float], list[float]]:
@@ -187,14 +197,18 @@ def load_torch(out_dir: str | os.PathLike):
 
 def torch_library(record: dict, where: Any = CONFIG) -> Any:
     """The Python module whose attribute `record["architecture"]` builds the model: timm.models,
-    torchvision.models, or `selfsup.export.<record["module"]>`."""
+    torchvision.models, or `selfsup.export.<record["module"]>`, one of selfsup's own PyTorch
+    modules (`<family>_torch`; the mappings beside them are not)."""
     library = record.get("library")
     if library in ("timm", "torchvision"):
         return _import_torch_library(library).models
     if library == "selfsup":
         name = record.get("module")
-        if not isinstance(name, str) or not name.isidentifier():
-            raise UserError(f"{where}: library 'selfsup' needs a 'module' (e.g. 'resnet_torch')")
+        if not isinstance(name, str) or not name.isidentifier() or not name.endswith("_torch"):
+            raise UserError(
+                f"{where}: library 'selfsup' needs a 'module' naming one of selfsup's PyTorch "
+                f"modules (e.g. 'resnet_torch'), got {name!r}"
+            )
         return importlib.import_module(f"selfsup.export.{name}")
     raise UserError(f"{where}: unknown library {library!r}; expected timm, torchvision or selfsup")
 

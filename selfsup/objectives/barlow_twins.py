@@ -34,10 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from selfsup.errors import UserError
+from selfsup.ops import torch_default_kernel_init
 
 BN_EPS = 1e-5
-# PyTorch nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def standardize(z: jax.Array, eps: float = BN_EPS) -> jax.Array:
@@ -84,7 +83,11 @@ class Projector(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         for i, width in enumerate(self.sizes):
             x = nn.Dense(
-                width, use_bias=False, dtype=self.dtype, kernel_init=linear_init, name=f"linear_{i}"
+                width,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=torch_default_kernel_init,
+                name=f"linear_{i}",
             )(x)
             if i < len(self.sizes) - 1:
                 x = nn.BatchNorm(

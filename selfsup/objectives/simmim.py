@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from selfsup.backbones import Mask, check_mask_mode
 from selfsup.errors import UserError
+from selfsup.ops import torch_default_init
 
 LOSS_EPS = 1e-5
 CHANNELS = 3
@@ -107,16 +108,6 @@ def simmim_loss(pred: jax.Array, images: jax.Array, pixel_mask: jax.Array) -> ja
     return (l1 * mask[..., None]).sum() / (mask.sum() + LOSS_EPS) / images.shape[-1]
 
 
-def _torch_default_uniform(fan_in: int):
-    """PyTorch's default Conv2d/Linear init for weights and biases: U(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
 class Objective(nn.Module):
     """SimMIM around a backbone with mask mode 'replace'; one view [B, H, W, 3]."""
 
@@ -144,7 +135,7 @@ class Objective(nn.Module):
     def setup(self):
         stride = self.backbone.patch_size
         # The official decoder has no init of its own: PyTorch's Conv2d default (fan_in = width).
-        init = _torch_default_uniform(self.backbone.embed_dim)
+        init = torch_default_init(self.backbone.embed_dim)
         self.decoder = nn.Conv(
             stride * stride * CHANNELS,
             (1, 1),

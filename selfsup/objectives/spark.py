@@ -55,10 +55,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from selfsup.backbones import Mask, check_mask_mode
+from selfsup.backbones import Mask, check_mask_mode, family
 from selfsup.errors import UserError
 from selfsup.objectives.mae import patchify, unpatchify
-from selfsup.ops import LayerNorm, conv_general_dilated, conv_transpose_4x4_s2
+from selfsup.ops import (
+    LayerNorm,
+    conv_general_dilated,
+    conv_transpose_4x4_s2,
+    torch_default_init,
+)
 
 STRIDE = 32  # the encoder's downsampling = the mask cell = the loss patch
 LEVELS = 4  # feature maps at strides 32, 16, 8, 4
@@ -78,16 +83,6 @@ upsample_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 def mask_token_init(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
     """normal(0, 0.02) truncated at +-0.02 (= +-1 std), as the official mask tokens."""
     return 0.02 * jax.random.truncated_normal(key, -1.0, 1.0, shape, dtype)
-
-
-def torch_default_init(fan_in: int):
-    """PyTorch's default Conv2d init of weights and biases: U(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def num_kept(cells: int, mask_ratio: float) -> int:
@@ -310,8 +305,7 @@ class Objective(nn.Module):
     def setup(self):
         norm = self.densify_norm
         if norm == "auto":
-            family = type(self.backbone).__module__.rsplit(".", 1)[-1]
-            norm = {"resnet": "bn", "convnext": "ln"}.get(family, "none")
+            norm = {"resnet": "bn", "convnext": "ln"}.get(family(self.backbone), "none")
         self.densify = [
             Densify(
                 norm,

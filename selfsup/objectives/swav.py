@@ -44,11 +44,10 @@ import jax
 import jax.numpy as jnp
 
 from selfsup.errors import UserError
+from selfsup.ops import torch_default_init, torch_default_kernel_init
 
 BN_EPS = 1e-5
 L2_EPS = 1e-12  # F.normalize's eps
-# PyTorch nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -102,8 +101,8 @@ class Head(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         hidden = self.hidden or x.shape[-1]
-        dense = dict(dtype=self.dtype, kernel_init=linear_init)
-        x = nn.Dense(hidden, bias_init=_bias_init(x.shape[-1]), name="linear_0", **dense)(x)
+        dense = dict(dtype=self.dtype, kernel_init=torch_default_kernel_init)
+        x = nn.Dense(hidden, bias_init=torch_default_init(x.shape[-1]), name="linear_0", **dense)(x)
         x = nn.BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
@@ -113,18 +112,9 @@ class Head(nn.Module):
             name="bn_0",
         )(x)
         x = nn.relu(x)
-        x = nn.Dense(self.out_dim, bias_init=_bias_init(hidden), name="linear_1", **dense)(x)
+        bias_init = torch_default_init(hidden)
+        x = nn.Dense(self.out_dim, bias_init=bias_init, name="linear_1", **dense)(x)
         return l2_normalize(x.astype(jnp.float32))
-
-
-def _bias_init(fan_in: int):
-    """PyTorch nn.Linear's bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / fan_in**0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 class Objective(nn.Module):
@@ -171,7 +161,10 @@ class Objective(nn.Module):
         self.head = Head(self.proj_hidden, self.proj_dim, self.bn_momentum, self.dtype)
         # [proj_dim, K]: the official Linear(proj_dim, K, bias=False) weight, transposed.
         self.prototypes = self.param(
-            "prototypes", linear_init, (self.proj_dim, self.num_prototypes), jnp.float32
+            "prototypes",
+            torch_default_kernel_init,
+            (self.proj_dim, self.num_prototypes),
+            jnp.float32,
         )
         if self.queue_length:
             shape = (len(self.crops_for_assign), self.queue_length, self.proj_dim)

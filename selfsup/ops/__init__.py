@@ -3,7 +3,8 @@
 The reference form (plain JAX, autodiff, `jax.nn.dot_product_attention`) is what GPUs and TPUs
 run; some ops also have a CPU form that XLA:CPU runs faster. `dispatch.choose` picks between
 them in one place; `SELFSUP_OPS=reference` or `with forms("reference"):` forces the reference
-form on CPU. Models and objectives import ops from here only.
+form on CPU. Models and objectives import ops from here only, and PyTorch's default
+Linear / Conv initialisation (`init.py`) too.
 """
 
 from selfsup.ops.attention import attention
@@ -13,6 +14,7 @@ from selfsup.ops.dense import Dense, dot_general, matmul
 from selfsup.ops.dispatch import CPU_FORM_SCOPE, form, forms
 from selfsup.ops.gelu import gelu
 from selfsup.ops.global_norm import global_norm
+from selfsup.ops.init import torch_default_init, torch_default_kernel_init
 from selfsup.ops.layer_norm import LayerNorm, layer_norm
 
 __all__ = [
@@ -32,4 +34,6 @@ __all__ = [
     "layer_norm",
     "matmul",
     "max_pool",
+    "torch_default_init",
+    "torch_default_kernel_init",
 ]

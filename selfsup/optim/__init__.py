@@ -31,7 +31,8 @@ global schedule's (for Adam, the bias correction also counts from step 0: a devi
 PyTorch's per-parameter step count).
 
 `layer_decay` (0: off) multiplies each parameter's learning rate by decay^(L - layer id), BEiT /
-MAE's layer-wise decay, after the `lr_mults` (see `selfsup.train.finetune.layer_decay_multipliers`).
+MAE's layer-wise decay over the layers the backbone declares (`build(..., backbone=)`), after the
+`lr_mults` (see `selfsup.train.finetune.layer_decay_multipliers`).
 As in PyTorch, where it scales a parameter group's lr, it scales AdamW's decoupled weight decay too.
 
 `weight_decay_end` (None: constant) makes the weight decay a cosine from `weight_decay` at step 0

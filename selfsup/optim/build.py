@@ -25,9 +25,10 @@ DEFAULT_NO_DECAY = (r".*/bias$", r".*/scale$", r".*(pos_embed|cls_token|mask_tok
 
 
 def build(
-    config_optim: Any, *, batch_size: int, total_steps: int
+    config_optim: Any, *, batch_size: int, total_steps: int, backbone: Any = None
 ) -> tuple[optax.GradientTransformation, Schedule]:
     """(tx, lr_schedule) from `config.optim` (ConfigDict or dict); see the module docstring.
+    `backbone`, the model's backbone module, declares the layers of `layer_decay` (needed then).
 
     Regexes that match no parameter raise UserError at `tx.init(params)`, the first time the
     parameter names are known (the default `no_decay` regexes are exempt: not every backbone has
@@ -122,8 +123,10 @@ def build(
             f"ViT-L), got {layer_decay}"
         )
     if layer_decay:
-        # Outside the groups: the multipliers need every parameter's path to count the layers.
-        tx = optax.chain(tx, scale_by_layer_decay(layer_decay))
+        if backbone is None:
+            raise ValueError("optim.build: layer_decay needs the backbone, which names the layers")
+        # Outside the groups: the multipliers need every parameter's path.
+        tx = optax.chain(tx, scale_by_layer_decay(layer_decay, backbone))
     checked = {
         "no_decay": [r for r in no_decay if r not in DEFAULT_NO_DECAY],
         "lars_exclude": [r for r in lars_exclude if r not in (*DEFAULT_NO_DECAY, *no_decay)],

@@ -51,16 +51,19 @@ def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransform
     return optax.GradientTransformation(init, update)
 
 
-def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
-    """Multiply each update by its layer's decay^(L - layer id)."""
-    from selfsup.train.finetune import layer_decay_multipliers  # here: finetune imports orbax
+def scale_by_layer_decay(decay: float, backbone: Any) -> optax.GradientTransformation:
+    """Multiply each update by its layer's decay^(L - layer id), the layers as `backbone`
+    declares them; UserError now for a backbone that declares none."""
+    # Imported here: finetune imports orbax.
+    from selfsup.train.finetune import layer_decay_multipliers, layer_rule
+
+    layer_rule(backbone)
 
     def init(params: Any) -> optax.EmptyState:
-        layer_decay_multipliers(params, decay)  # an unknown backbone fails here, at the start
         return optax.EmptyState()
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        mults = layer_decay_multipliers(updates, decay)
+        mults = layer_decay_multipliers(updates, decay, backbone)
         return jax.tree.map(lambda u, m: u * m, updates, mults), state
 
     return optax.GradientTransformation(init, update)

@@ -14,24 +14,24 @@ Fine-tuning is the ordinary training loop with the `supervised` objective (see
   resolution needs no interpolation.
 - `layer_decay_multipliers` (config key `optim.layer_decay`): BEiT / MAE's layer-wise learning
   rate decay. A parameter in layer `i` of `L = num_layers` gets the multiplier decay^(L - i).
-  Layers follow MAE's `lr_decay.py`: for a ViT of depth D, L = D + 1; the patch embedding, cls
-  and mask tokens are layer 0, block b is layer b + 1, and everything after the blocks (the final
-  norm, the head) is layer L (multiplier 1).
-
-Deviations: ConvNeXt and ResNet decay stage-wise (stem 0, stage s = 1..4 is layer s, the rest
-layer 5), a simplification of ConvNeXt's official scheme, which also splits stage 3 into groups
-of 3 blocks.
+  Each backbone declares its layers (`num_layers`, `layer_id(path)`; see `selfsup.backbones`):
+  for a ViT of depth D, as MAE's `lr_decay.py`, L = D + 1, the patch embedding, cls and mask
+  tokens are layer 0, block b is layer b + 1, the final norm layer L; ConvNeXt and ResNet decay
+  stage-wise (stem 0, stage s = 1..4 is layer s, L = 5). Parameters outside the backbone (the
+  head) are layer L (multiplier 1).
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
+from selfsup import backbones
 from selfsup.errors import UserError
 from selfsup.evaluators import backbone_variables
 from selfsup.io import checkpoint, paths
@@ -49,46 +49,32 @@ def _paths(tree: Any) -> list[str]:
     return [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in flat]
 
 
-def layer_ids(paths: list[str]) -> tuple[list[int], int]:
-    """(layer id of each '/'-joined parameter path, number of layers L): see the module
-    docstring. The backbone family is read off the paths (`backbone/blocks_<i>` for ViT,
-    `backbone/stages_<s>` for ConvNeXt, `backbone/layer<s>_<i>` for ResNet)."""
-    blocks = [int(m[1]) for p in paths if (m := re.match(r"backbone/blocks_(\d+)/", p))]
-    if blocks:  # ViT
-        last = max(blocks) + 2
-
-        def vit(path: str) -> int:
-            if re.match(r"backbone/(patch_embed|cls_token|mask_token|pos_embed)", path):
-                return 0
-            m = re.match(r"backbone/blocks_(\d+)/", path)
-            return int(m[1]) + 1 if m else last
-
-        return [vit(p) for p in paths], last
-    stage_patterns = (
-        (r"backbone/stem_", r"backbone/stages_(\d+)/", 1),  # ConvNeXt: stages_0 is stage 1
-        (r"backbone/(conv1|bn1|stem_)", r"backbone/layer(\d+)_\d+/", 0),  # ResNet: layer1..4
-    )
-    for stem, stage, offset in stage_patterns:
-        stages = [int(m[1]) + offset for p in paths if (m := re.match(stage, p))]
-        if stages:
-            last = max(stages) + 1
-
-            def convnet(path: str, stem=stem, stage=stage, offset=offset, last=last) -> int:
-                if re.match(stem, path):
-                    return 0
-                m = re.match(stage, path)
-                return int(m[1]) + offset if m else last
-
-            return [convnet(p) for p in paths], last
-    raise UserError(
-        "config.optim.layer_decay: no layer rule for this backbone (ViT, ConvNeXt and ResNet "
-        f"have one; parameters look like {paths[0]!r}); set optim.layer_decay = 0"
-    )
+def layer_rule(backbone: Any) -> tuple[Callable[[str], int], int]:
+    """(layer_id, num_layers L) that `backbone` declares (see `selfsup.backbones`); UserError
+    naming the backbone when it declares none."""
+    layer_id, last = getattr(backbone, "layer_id", None), getattr(backbone, "num_layers", None)
+    if layer_id is None or last is None:
+        raise UserError(
+            f"config.optim.layer_decay: backbone '{backbones.family(backbone)}' declares no "
+            "layers for layer-wise decay (its Model has no `num_layers` and `layer_id`); set "
+            "optim.layer_decay = 0"
+        )
+    return layer_id, last
 
 
-def layer_decay_multipliers(params: Any, decay: float) -> Any:
-    """Pytree like `params` of float learning-rate multipliers decay^(L - layer id)."""
-    ids, last = layer_ids(_paths(params))
+def layer_ids(paths: list[str], backbone: Any) -> tuple[list[int], int]:
+    """(layer id of each '/'-joined parameter path, number of layers L): the backbone's
+    `layer_id` of the path inside it for paths under `backbone/`, L for every other parameter
+    (the head)."""
+    layer_id, last = layer_rule(backbone)
+    prefix = "backbone/"
+    return [layer_id(p[len(prefix) :]) if p.startswith(prefix) else last for p in paths], last
+
+
+def layer_decay_multipliers(params: Any, decay: float, backbone: Any) -> Any:
+    """Pytree like `params` of float learning-rate multipliers decay^(L - layer id), the layers
+    as `backbone` (the model's `backbone` submodule) declares them."""
+    ids, last = layer_ids(_paths(params), backbone)
     treedef = jax.tree.structure(params)
     return jax.tree.unflatten(treedef, [float(decay) ** (last - i) for i in ids])
 

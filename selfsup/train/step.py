@@ -133,8 +133,13 @@ def build_program(config, mesh, num_classes: int | None, steps_per_epoch: int) -
     total_steps, warmup_steps = resolve_durations(config, steps_per_epoch)
     optim_config = mlc.ConfigDict(config.optim.to_dict())
     optim_config.warmup_steps = warmup_steps
-    tx, schedule = optim.build(optim_config, batch_size=config.batch_size, total_steps=total_steps)
     model = build_model(config, num_classes)
+    tx, schedule = optim.build(
+        optim_config,
+        batch_size=config.batch_size,
+        total_steps=total_steps,
+        backbone=model.backbone,
+    )
     views_fn = augment.build(config.views)
     size = config.data.image_size
     example_views = jax.eval_shape(

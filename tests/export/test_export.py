@@ -20,6 +20,7 @@ from selfsup import backbones, cli, export
 from selfsup import config as config_lib
 from selfsup.backbones import Mask, vit
 from selfsup.errors import UserError
+from selfsup.export import vit as vit_export
 from selfsup.io import checkpoint
 from selfsup.train import loop
 
@@ -177,7 +178,7 @@ def test_export_of_an_earlier_step(tmp_path, capsys, smoke_run):
 
 
 def test_backbone_without_mapping_is_a_clear_error(tmp_path, capsys, smoke_run, monkeypatch):
-    monkeypatch.delattr(vit, "export_torch")
+    monkeypatch.delattr(vit_export, "export_torch")
     code, err = run_cli(capsys, "--workdir", smoke_run, "--out", tmp_path)
     assert code == 2
     assert "backbone 'vit' has no PyTorch export" in err
@@ -366,8 +367,8 @@ def test_readme_snippet_and_load_torch_give_the_jax_features(tmp_path, capsys, f
 
 
 def test_vit_export_names_the_architecture_timm_has():
-    assert vit.timm_name(vit.Model(variant="B/16"), (224, 224)) == "vit_base_patch16_224"
-    assert vit.timm_name(vit.Model(variant="S/8"), (224, 224)) == "vit_small_patch8_224"
+    assert vit_export.timm_name(vit.Model(variant="B/16"), (224, 224)) == "vit_base_patch16_224"
+    assert vit_export.timm_name(vit.Model(variant="S/8"), (224, 224)) == "vit_small_patch8_224"
     assert timm.is_model("vit_base_patch16_224") and timm.is_model("vit_small_patch8_224")
     # Not a registered geometry: timm's class, built from the kwargs.
     for model, size in (
@@ -375,4 +376,13 @@ def test_vit_export_names_the_architecture_timm_has():
         (vit.Model(variant="Ti/16"), (32, 32)),
         (vit.Model(variant="B/16", depth=6), (224, 224)),
     ):
-        assert vit.timm_name(model, size) == "VisionTransformer"
+        assert vit_export.timm_name(model, size) == "VisionTransformer"
+
+
+def test_each_family_has_its_mapping_and_load_torch_takes_only_torch_modules():
+    assert export.exportable() == ["convnext", "resnet", "vit"]
+    module = export.torch_library({"library": "selfsup", "module": "resnet_torch"})
+    assert module.__name__ == "selfsup.export.resnet_torch" and hasattr(module, "ResNet")
+    # The mappings beside it are no PyTorch modules: a config.json naming one is refused.
+    with pytest.raises(UserError, match="one of selfsup's PyTorch modules"):
+        export.torch_library({"library": "selfsup", "module": "vit"})

@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import struct
+import sys
+import types
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,13 +44,18 @@ def flatten(tree, prefix=""):
     return out
 
 
-def vit_params(depth=3):
-    model = objectives.build({"name": "supervised"}, {**VIT, "depth": depth}, num_classes=5)
-    images = jnp.zeros((2, 16, 16, 3))
+def supervised_params(backbone: dict, size=16):
+    """(params of the supervised objective around `backbone`, all ones; its backbone module)."""
+    model = objectives.build({"name": "supervised"}, backbone, num_classes=5)
+    images = jnp.zeros((2, size, size, 3))
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), (images,), train=False, labels=jnp.zeros(2, int))
     )
-    return jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes["params"])
+    return jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes["params"]), model.backbone
+
+
+def vit_params(depth=3):
+    return supervised_params({**VIT, "depth": depth})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +75,8 @@ def mae_layer_id(path: str, depth: int) -> int:
 
 def test_each_parameters_lr_multiplier_is_decay_to_the_num_layers_minus_its_layer_id():
     depth, decay = 3, 0.65
-    params = vit_params(depth)
-    mults = flatten(finetune.layer_decay_multipliers(params, decay))
+    params, backbone = vit_params(depth)
+    mults = flatten(finetune.layer_decay_multipliers(params, decay, backbone))
     assert len(mults) == len(flatten(params))
     for path, mult in mults.items():
         # num_layers = depth + 1: the head and final norm get 1, block i decay^(depth - i).
@@ -82,7 +90,7 @@ def test_each_parameters_lr_multiplier_is_decay_to_the_num_layers_minus_its_laye
 
 
 def test_layer_decay_scales_every_update_by_its_multiplier():
-    params = vit_params()
+    params, backbone = vit_params()
     lr, decay = 0.1, 0.5
     cfg = dict(
         name="sgd",
@@ -93,7 +101,7 @@ def test_layer_decay_scales_every_update_by_its_multiplier():
         schedule="constant",
         layer_decay=decay,
     )
-    tx, _ = optim.build(cfg, batch_size=8, total_steps=10)
+    tx, _ = optim.build(cfg, batch_size=8, total_steps=10, backbone=backbone)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 2.0), params)
     updates, _ = tx.update(grads, tx.init(params), params)
     depth = 3
@@ -112,7 +120,8 @@ def test_convnet_layer_ids_are_stage_wise():
         "backbone/head_norm/scale",
         "head/kernel",
     ]
-    assert finetune.layer_ids(convnext) == ([0, 0, 1, 3, 4, 5, 5], 5)
+    model = backbones.build("convnext", variant="atto")
+    assert finetune.layer_ids(convnext, model) == ([0, 0, 1, 3, 4, 5, 5], 5)
     resnet = [
         "backbone/conv1/kernel",
         "backbone/bn1/scale",
@@ -121,19 +130,74 @@ def test_convnet_layer_ids_are_stage_wise():
         "backbone/layer4_2/conv3/kernel",
         "head/kernel",
     ]
-    assert finetune.layer_ids(resnet) == ([0, 0, 1, 3, 4, 5], 5)
+    model = backbones.build("resnet", variant="50")
+    assert finetune.layer_ids(resnet, model) == ([0, 0, 1, 3, 4, 5], 5)
 
 
-def test_layer_decay_errors():
+class NoLayers(nn.Module):
+    """A stand-in backbone declaring no layers: [B, H, W, C] -> pooled [B, 4]."""
+
+    mask_modes = ()
+    mutable = ()
+    rng_streams = ()
+
+    @nn.compact
+    def __call__(self, images, *, train=False, mask=None):
+        x = nn.Dense(4, name="first")(images.reshape(images.shape[0], -1))
+        return backbones.Features(pooled=nn.Dense(4, name="second")(x))
+
+
+class TwoLayers(NoLayers):
+    """The stand-in declaring its layers for layer-wise decay: `first` is layer 1, `second`
+    layer 2, of 3."""
+
+    num_layers = 3
+
+    def layer_id(self, path: str) -> int:
+        return {"first": 1, "second": 2}[path.split("/")[0]]
+
+
+def register_backbone(monkeypatch, name: str, model: type) -> None:
+    """Make `model` the backbone `name` (`selfsup.backbones.<name>.Model`) for this test."""
+    module = types.ModuleType(f"selfsup.backbones.{name}")
+    module.Model = model
+    monkeypatch.setattr(model, "__module__", module.__name__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def test_layer_decay_uses_the_layers_a_backbone_declares(monkeypatch):
+    register_backbone(monkeypatch, "twolayers", TwoLayers)
+    params, backbone = supervised_params({"name": "twolayers"}, size=4)
+    assert isinstance(backbone, TwoLayers)
+    lr, decay = 0.1, 0.5
+    cfg = dict(name="sgd", base_lr=lr, lr_batch_divisor=0, momentum=0.0, weight_decay=0.0)
+    tx, _ = optim.build(
+        {**cfg, "schedule": "constant", "layer_decay": decay},
+        batch_size=8,
+        total_steps=10,
+        backbone=backbone,
+    )
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    layer = {"backbone/first": 1, "backbone/second": 2, "head": 3}  # the head: num_layers
+    updates = flatten(updates)
+    assert {k.rsplit("/", 1)[0] for k in updates} == set(layer)
+    for path, update in updates.items():
+        np.testing.assert_allclose(update, -lr * decay ** (3 - layer[path.rsplit("/", 1)[0]]))
+
+
+def test_layer_decay_errors(monkeypatch):
     with pytest.raises(UserError, match="layer_decay must be in"):
         optim.build(
             dict(base_lr=1e-3, lr_batch_divisor=0, layer_decay=1.5), batch_size=8, total_steps=10
         )
-    tx, _ = optim.build(
-        dict(base_lr=1e-3, lr_batch_divisor=0, layer_decay=0.75), batch_size=8, total_steps=10
-    )
-    with pytest.raises(UserError, match="no layer rule"):
-        tx.init({"backbone": {"weird": jnp.ones(3)}, "head": jnp.ones(2)})
+    register_backbone(monkeypatch, "nolayers", NoLayers)
+    with pytest.raises(UserError, match="backbone 'nolayers' declares no layers"):
+        optim.build(
+            dict(base_lr=1e-3, lr_batch_divisor=0, layer_decay=0.75),
+            batch_size=8,
+            total_steps=10,
+            backbone=backbones.build("nolayers"),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
