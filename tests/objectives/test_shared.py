@@ -27,6 +27,7 @@ from selfsup.errors import UserError
 from selfsup.parallel import sharding
 from selfsup.train import state as state_lib
 from selfsup.train import step as step_lib
+from selfsup.train import teacher
 
 OBJECTIVES = sorted(m.name for m in pkgutil.iter_modules(objectives.__path__))
 FAMILIES = sorted(m.name for m in pkgutil.iter_modules(backbones.__path__))
@@ -73,7 +74,8 @@ def setup(objective: str, family: str):
     if backbone is None:
         pytest.skip(f"backbone family '{family}' has no smoke config to take settings from")
     try:
-        model = objectives.build(config.objective.to_dict(), backbone, num_classes=10)
+        objective = teacher.with_teacher(config.objective.to_dict())
+        model = objectives.build(objective, backbone, num_classes=10)
     except UserError as e:
         assert family in str(e) or "mask mode" in str(e), e
         pytest.skip(f"{family} cannot serve {objective}: {e}")
