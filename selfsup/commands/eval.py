@@ -90,6 +90,7 @@ def evaluate_checkpoint(
     import jax
     import jax.numpy as jnp
 
+    from selfsup import config as config_lib
     from selfsup import evaluators
     from selfsup.errors import UserError
     from selfsup.io import checkpoint, paths
@@ -135,7 +136,7 @@ def evaluate_checkpoint(
         "results": results,
     }
     if random_init:
-        seed = int(train_config.get("seed", 0))
+        seed = int(train_config.get("seed", config_lib.defaults().seed))
         init = jax.jit(backbone.init, out_shardings=sharding.replicated(mesh))
         initial = init(jax.random.key(seed), jnp.zeros(example.shape, example.dtype))
         baseline = evaluators.build(config, encode_fn, mesh=mesh)

@@ -293,7 +293,7 @@ def at_random_init(
     backbone, encode, example = build_backbone(
         train_config.backbone, default_view(train_config), train_config.data.image_size
     )
-    seed = train_config.get("seed", 0) if seed is None else seed
+    seed = train_config.get("seed", config_lib.defaults().seed) if seed is None else seed
     init = jax.jit(backbone.init, out_shardings=sharding.replicated(mesh))
     variables = init(jax.random.key(seed), jnp.zeros(example.shape, example.dtype))
     return run_all(

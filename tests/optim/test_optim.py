@@ -492,3 +492,21 @@ def test_new_optim_keys_have_defaults():
     for name in ("lars", "lars_simclr", "lamb"):  # the defaults build for every optimiser
         tx, _ = optim.build({**d.to_dict(), "name": name}, batch_size=8, total_steps=5)
         tx.init(_jax(_random(0)))
+
+
+def test_missing_keys_take_config_defaults(monkeypatch):
+    # A plain dict without no_decay, weight_decay, b1... steps as the dict of every default.
+    params, grads = _random(0), [_random(s, 0.1) for s in (1, 2)]
+    full = {**config_lib.defaults().optim.to_dict(), **_cfg()}
+    expect = _run(optim.build(full, batch_size=1, total_steps=5)[0], params, grads)
+    got = _run(optim.build(_cfg(), batch_size=1, total_steps=5)[0], params, grads)
+    assert got.keys() == expect.keys()
+    for key in expect:
+        np.testing.assert_array_equal(got[key], expect[key], err_msg=key)
+    # ...read from config.defaults(), the one place they are written.
+    defaults = config_lib.defaults()
+    defaults.optim.no_decay = (r".*",)  # nothing decays
+    monkeypatch.setattr(config_lib, "defaults", lambda: defaults)
+    plain = _run(optim.build(_cfg(), batch_size=1, total_steps=5)[0], params, grads)
+    changed = {k for k in got if not np.array_equal(plain[k], got[k])}
+    assert changed == DECAYED
