@@ -44,17 +44,11 @@ import jax
 import jax.numpy as jnp
 
 from selfsup.errors import UserError
+from selfsup.ops import l2_normalize  # eps 1e-12, F.normalize's, as the official code
 
 BN_EPS = 1e-5
-L2_EPS = 1e-12  # F.normalize's eps
 # PyTorch nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """x / max(||x||, 1e-12) along `axis` (F.normalize)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, L2_EPS)
 
 
 def sinkhorn(scores: jax.Array, epsilon: float = 0.05, iterations: int = 3) -> jax.Array:
