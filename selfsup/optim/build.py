@@ -10,12 +10,12 @@ from typing import Any
 import optax
 
 from selfsup import config as config_lib
+from selfsup import pytree
 from selfsup.errors import UserError
 from selfsup.optim.optimizers import OPTIMIZERS, Hyper
 from selfsup.optim.schedules import SCHEDULES, Schedule, make_schedule, scaled_lr
 from selfsup.optim.transforms import (
     hold_until,
-    param_paths,
     path_labels,
     scale_by_layer_decay,
     scale_by_path,
@@ -135,7 +135,7 @@ def build(
     }
 
     def init(params: Any) -> Any:
-        paths = param_paths(params)
+        paths = pytree.leaf_paths(params)
         for key, regexes in checked.items():
             for regex in regexes:
                 if not any(re.fullmatch(regex, p) for p in paths):

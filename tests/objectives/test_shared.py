@@ -21,7 +21,7 @@ import optax
 import pytest
 from conftest import REPO, run_python
 
-from selfsup import augment, backbones, objectives, ops
+from selfsup import augment, backbones, objectives, ops, pytree
 from selfsup import config as config_lib
 from selfsup.errors import UserError
 from selfsup.parallel import sharding
@@ -124,9 +124,7 @@ def test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
         if i == 0:
             # Parameters the objective's config freezes (unused by its loss) need no gradient.
             frozen = [re.compile(r) for r in smoke_configs()[objective].optim.frozen]
-            named = [
-                (sharding.path_str(p), g) for p, g in jax.tree_util.tree_leaves_with_path(grads)
-            ]
+            named = [(pytree.path_str(p), g) for p, g in jax.tree_util.tree_leaves_with_path(grads)]
             dead = [
                 name
                 for name, g in named
@@ -155,6 +153,7 @@ sys.path[:0] = ["tests", "tests/objectives"]
 import test_shared as shared
 from selfsup.train import loop, monitors, step as step_lib
 from selfsup.parallel import sharding
+from selfsup import pytree
 from selfsup.train import state as state_lib
 out = {}
 for objective, family in GROUP:
@@ -170,7 +169,7 @@ for objective, family in GROUP:
         placed = jax.device_put(jax.tree.map(np.asarray, state), shardings)
         b = jax.device_put(batch, sharding.batch_sharding(mesh))
         loss, _, g, _ = jax.jit(step_lib.make_grad_fn(model, views_fn, seed=0))(placed, b)
-        grads[name] = (float(loss), {sharding.path_str(p): np.asarray(v)
+        grads[name] = (float(loss), {pytree.path_str(p): np.asarray(v)
                                      for p, v in jax.tree_util.tree_leaves_with_path(g)})
     (l1, g1), (l8, g8) = grads["one"], grads["eight"]
     # Relative to each leaf's scale, floored at 1e-3 of the largest: a leaf whose exact gradient

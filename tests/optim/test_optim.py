@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from selfsup import config as config_lib
-from selfsup import optim
+from selfsup import optim, pytree
 from selfsup.errors import UserError
 
 SHAPES = {
@@ -45,7 +45,7 @@ def _nest(flat):
 
 
 def _flat(tree):
-    return dict(zip(optim.param_paths(tree), jax.tree.leaves(tree), strict=True))
+    return dict(zip(pytree.leaf_paths(tree), jax.tree.leaves(tree), strict=True))
 
 
 def _random(seed, scale=1.0):
@@ -242,7 +242,7 @@ def test_lr_multipliers_scale_updates_exactly():
 
 def test_param_paths_and_labels():
     tree = _nest({k: np.zeros(1) for k in SHAPES})
-    assert sorted(optim.param_paths(tree)) == sorted(SHAPES)
+    assert sorted(pytree.leaf_paths(tree)) == sorted(SHAPES)
     rules = [(r".*/bias", "b"), (r"backbone/.*", "bb"), (r"decoder/pred/kernel", "k")]
     labels = _flat(optim.path_labels(tree, rules, "other"))
     assert labels["backbone/patch_embed/bias"] == "b"
