@@ -61,7 +61,7 @@ class Teacher:
 
     backbone: nn.Module
     variables: dict = dataclasses.field(repr=False)
-    step: int = 0
+    step: int
 
     @property
     def num_classes(self) -> int:
