@@ -9,6 +9,7 @@ time with a UserError naming the problem.
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import pkgutil
@@ -195,6 +196,24 @@ GROUPS = (
     ("auto", tuple((o, None) for o in OBJECTIVES if not has_own_eight_device_test(o))),
     ("reference", REFERENCE_FORM_PAIRS),
 )
+
+
+TRAINING_SIDE, TRAINING_SIDE_IO = ["selfsup", "train"], ["selfsup", "io"]
+
+
+def test_objectives_import_nothing_from_the_training_side():
+    """An objective gets what it needs (e.g. a distillation teacher) from the training side: it
+    never imports the loop's modules or reads checkpoints itself."""
+    for path in sorted((REPO / "selfsup" / "objectives").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            bad = [n for n in names if n.split(".")[:2] in (TRAINING_SIDE_IO, TRAINING_SIDE)]
+            assert not bad, f"{path.name} imports {bad[0]}"
 
 
 def test_every_objective_and_family_is_compared_on_eight_devices():
