@@ -18,6 +18,7 @@ from selfsup import augment, backbones, objectives
 from selfsup import config as config_lib
 from selfsup.errors import UserError
 from selfsup.train import state as state_lib
+from selfsup.train import teacher
 
 TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py"))
 ALL_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py"))
@@ -58,7 +59,8 @@ def test_smoke_variant_builds_its_own_backbone_family(name):
         assert f"_{expected}_" in name
     size = config.data.image_size
     assert size == (64 if config.objective.name == "spark" else 32)
-    model = objectives.build(config.objective.to_dict(), config.backbone.to_dict(), num_classes=10)
+    objective = teacher.with_teacher(config.objective.to_dict())
+    model = objectives.build(objective, config.backbone.to_dict(), num_classes=10)
     assert type(model.backbone).__module__ == f"selfsup.backbones.{expected}"
     views = tuple(
         jnp.zeros(v.shape, v.dtype)

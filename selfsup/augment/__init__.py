@@ -15,11 +15,13 @@ The colour and filter ops (`color_jitter`, `grayscale`, `blur`, `solarize`) live
 Views may differ in size: SwAV's multi-crop is several specs (`multi_crop` writes them), and
 asymmetric settings (BYOL's blur p 1.0 / 0.1, solarize 0 / 0.2) are simply different specs.
 
-Modules: `registry` (specs, `register`, `build`), `geometry`, `normalization`, `color`.
+Modules: `registry` (specs, `register`, `build`), `geometry` (also `view_geometry`: a view's
+size and normalisation), `normalization`, `color`.
 """
 
 # Importing the op modules registers their ops.
 from selfsup.augment import color, geometry, normalization  # noqa: F401
+from selfsup.augment.geometry import ViewGeometry, view_geometry
 from selfsup.augment.registry import OPS, build, multi_crop, parse, register
 
-__all__ = ["OPS", "build", "multi_crop", "parse", "register"]
+__all__ = ["OPS", "ViewGeometry", "build", "multi_crop", "parse", "register", "view_geometry"]

@@ -1,16 +1,20 @@
-"""Geometric ops, as torchvision computes them: random resized crop, resize, centre crop, flip."""
+"""Geometric ops, as torchvision computes them: random resized crop, resize, centre crop, flip;
+and `view_geometry`, a view's output size and normalisation, which the loop's images, the
+evaluators' views and the export read from this one function.
+"""
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # The colour and filter ops register themselves in OPS (after everything they import from here).
-from selfsup.augment.registry import Op, per_sample, register
+from selfsup.augment.registry import OPS, Op, build, parse, per_sample, register
 from selfsup.errors import UserError
 
 _METHODS = ("bilinear", "bicubic")
@@ -193,3 +197,49 @@ def flip(p: float = 0.5) -> Op:
         return jnp.where(jax.random.bernoulli(rng, p), image[:, ::-1], image)
 
     return per_sample(one)
+
+
+class ViewGeometry(NamedTuple):
+    """A view's output and its normalisation: view = (pixels in [0, 1] - mean) / std."""
+
+    height: int
+    width: int
+    channels: int
+    mean: tuple[float, ...]  # per channel; 0 without `normalize`
+    std: tuple[float, ...]  # per channel; 1 without `normalize`
+    normalize: tuple[str, ...]  # the spec's normalize ops as spec text, in order
+
+
+@functools.lru_cache(maxsize=64)
+def view_geometry(spec: str, image_size: int) -> ViewGeometry:
+    """The geometry of view `spec` made from uint8 [B, image_size, image_size, 3] images:
+    its [h, w, C] and its composite per-channel normalisation.
+
+    mean and std are computed in float32 from the pixel values 0 and 1 (every normalize op is
+    affine per channel) and rounded to 6 significant digits: the constants the spec states.
+    """
+    (view,) = jax.eval_shape(
+        build([spec]),
+        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8),
+        jax.random.key(0),
+    )
+    _, height, width, channels = view.shape
+    ops = [(args, kwargs) for name, args, kwargs in parse(spec) if name == "normalize"]
+    probe = np.stack([np.zeros((1, 1, channels)), np.ones((1, 1, channels))]).astype(np.float32)
+    for args, kwargs in ops:
+        probe = np.asarray(OPS["normalize"](*args, **kwargs)(probe, None))
+    zero, one = probe[0, 0, 0].astype(np.float64), probe[1, 0, 0].astype(np.float64)
+    std = 1.0 / (one - zero)
+    texts = tuple(
+        f"normalize({', '.join([*map(repr, args), *(f'{k}={v!r}' for k, v in kwargs.items())])})"
+        for args, kwargs in ops
+    )
+    # "+ 0.0" turns "-0.0" into 0.0.
+    return ViewGeometry(
+        height=height,
+        width=width,
+        channels=channels,
+        mean=tuple(float(f"{v:.6g}") + 0.0 for v in -zero * std),
+        std=tuple(float(f"{v:.6g}") + 0.0 for v in std),
+        normalize=texts,
+    )

@@ -90,6 +90,7 @@ def evaluate_checkpoint(
     import jax
     import jax.numpy as jnp
 
+    from selfsup import config as config_lib
     from selfsup import evaluators
     from selfsup.errors import UserError
     from selfsup.io import checkpoint, paths
@@ -135,7 +136,7 @@ def evaluate_checkpoint(
         "results": results,
     }
     if random_init:
-        seed = int(train_config.get("seed", 0))
+        seed = int(train_config.get("seed", config_lib.defaults().seed))
         init = jax.jit(backbone.init, out_shardings=sharding.replicated(mesh))
         initial = init(jax.random.key(seed), jnp.zeros(example.shape, example.dtype))
         baseline = evaluators.build(config, encode_fn, mesh=mesh)
@@ -156,16 +157,15 @@ def _check_matches(backbone, example, variables: dict, built: dict, saved: dict)
     import jax.numpy as jnp
     import numpy as np
 
+    from selfsup import pytree
     from selfsup.errors import UserError
-    from selfsup.parallel import sharding
 
     abstract = jax.eval_shape(
         backbone.init, jax.random.key(0), jnp.zeros(example.shape, example.dtype)
     )
 
     def by_path(tree) -> dict:
-        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-        return {sharding.path_str(p): np.shape(leaf) for p, leaf in flat}
+        return {name: np.shape(leaf) for name, leaf in pytree.by_path(tree).items()}
 
     want, have = by_path(dict(abstract)), by_path(variables)
     fix = (

@@ -126,19 +126,10 @@ def default_view(train_config: Any, crop_pct: float = 0.875) -> str:
     first view, after a bicubic resize of the shorter side to size / crop_pct and a centre crop."""
     if not 0 < crop_pct <= 1:
         raise UserError(f"evaluator config.crop_pct must be in (0, 1], got {crop_pct}")
-    spec = train_config.views[0]
-    size = train_config.data.image_size
-    (shape,) = jax.eval_shape(
-        view_fn(spec),
-        jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8),
-        jax.random.key(0),
-    )
-    h, w = shape.shape[1:3]
+    view = augment.view_geometry(train_config.views[0], train_config.data.image_size)
+    h, w = view.height, view.width
     ops = [f"resize({round(min(h, w) / crop_pct)}, method='bicubic')", f"center_crop(({h}, {w}))"]
-    for name, args, kwargs in augment.parse(spec):
-        if name == "normalize":
-            text = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
-            ops.append(f"normalize({', '.join(text)})")
+    ops += view.normalize
     inside = objective_normalization(train_config)
     if inside is not None and not any(op.startswith("normalize(") for op in ops):
         ops.append(inside)
@@ -293,7 +284,7 @@ def at_random_init(
     backbone, encode, example = build_backbone(
         train_config.backbone, default_view(train_config), train_config.data.image_size
     )
-    seed = train_config.get("seed", 0) if seed is None else seed
+    seed = train_config.get("seed", config_lib.defaults().seed) if seed is None else seed
     init = jax.jit(backbone.init, out_shardings=sharding.replicated(mesh))
     variables = init(jax.random.key(seed), jnp.zeros(example.shape, example.dtype))
     return run_all(

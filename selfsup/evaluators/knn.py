@@ -24,16 +24,12 @@ import numpy as np
 
 from selfsup.errors import UserError
 from selfsup.evaluators import features as features_lib
+from selfsup.ops import l2_normalize  # eps 1e-12, F.normalize's, as DINO's k-NN
 
 
 def defaults() -> mlc.ConfigDict:
     """The k-NN evaluator's keys (beside the common ones in `selfsup.evaluators.COMMON`)."""
     return mlc.ConfigDict({"features": "pooled", "k": 20, "temperature": 0.07, "chunk": 256})
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Rows scaled to unit L2 norm (as torch.nn.functional.normalize); [N, D] -> [N, D]."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_classes", "chunk"))

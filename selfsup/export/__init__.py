@@ -56,7 +56,7 @@ def export(
     Returns the content of config.json. UserError for a missing or damaged checkpoint, a
     backbone family without `export_torch` (or `export_npz` with `npz`).
     """
-    from selfsup import backbones
+    from selfsup import augment, backbones
     from selfsup.io import checkpoint
 
     trees, meta = checkpoint.restore_tree(workdir, ("params", "model_state"), step)
@@ -83,8 +83,8 @@ def export(
         raise UserError(f"backbone '{name}' has no .npz export; run without --npz")
 
     variables = _backbone_variables(trees, workdir)
-    channels, height, width, mean, std = view_geometry(config)
-    extra = {"input_size": (height, width)}
+    view = augment.view_geometry(config["views"][0], config["data"]["image_size"])
+    extra = {"input_size": (view.height, view.width)}
     state_dict, spec = export_torch(model, variables, **_accepted(export_torch, extra))
     # Everything is mapped before anything is written: a failure leaves `out_dir` untouched.
     arrays = export_npz(model, variables, **_accepted(export_npz, extra)) if npz else None
@@ -106,9 +106,9 @@ def export(
 
     record = {
         **spec,
-        "input_size": [channels, height, width],
-        "mean": mean,
-        "std": std,
+        "input_size": [view.channels, view.height, view.width],
+        "mean": list(view.mean),
+        "std": list(view.std),
         "files": files,
         "selfsup_version": __version__,
         "source": {
@@ -138,38 +138,6 @@ def _mapping(family: str) -> Any:
         if e.name != f"{__name__}.{family}":
             raise
         return None
-
-
-def view_geometry(config: dict) -> tuple[int, int, int, list[float], list[float]]:
-    """(C, H, W, mean, std) of the config's first view: its output size and per-channel
-    normalisation on [0, 1] pixels (mean 0, std 1 without `normalize`)."""
-    import jax
-    import jax.numpy as jnp
-
-    from selfsup import augment
-
-    spec, size = config["views"][0], config["data"]["image_size"]
-    (view,) = jax.eval_shape(
-        augment.build([spec]),
-        jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8),
-        jax.random.key(0),
-    )
-    _, height, width, channels = view.shape
-    # Every normalize op is affine per channel: read the composite off the pixel values 0 and 1.
-    probe = np.stack([np.zeros((1, 1, channels)), np.ones((1, 1, channels))]).astype(np.float32)
-    for name, args, kwargs in augment.parse(spec):
-        if name == "normalize":
-            probe = np.asarray(augment.OPS[name](*args, **kwargs)(probe, None))
-    zero, one = probe[0, 0, 0].astype(np.float64), probe[1, 0, 0].astype(np.float64)
-    std = 1.0 / (one - zero)
-    # Computed in float32: round away the last-digit noise (and "-0.0").
-    return (
-        channels,
-        height,
-        width,
-        [float(f"{v:.6g}") + 0.0 for v in -zero * std],
-        [float(f"{v:.6g}") + 0.0 for v in std],
-    )
 
 
 def load_torch(out_dir: str | os.PathLike):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
 
+from selfsup import pytree
 from selfsup.backbones.convnext import CONV_MLP, KERNEL, VARIANTS, Model
 from selfsup.errors import UserError
 
@@ -80,8 +80,7 @@ def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], 
                 put(f"{dst}.gamma", get(f"{src}/gamma"), (dim,))
     norm("head_norm", "head.norm", dims[-1])
 
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    names = {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves}
+    names = set(pytree.leaf_paths(params))
     if names - used:
         raise UserError(
             f"convnext export: parameter '{sorted(names - used)[0]}' has no timm counterpart; "

@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
+from selfsup import pytree
 from selfsup.backbones.resnet import DEPTHS, SK_RATIO, Model, parse_variant, sk_mid_dim
 from selfsup.errors import UserError
 
@@ -98,11 +98,7 @@ def export_torch(model: Model, variables: dict) -> tuple[dict[str, np.ndarray], 
                 bn(f"{t}.downsample.{j + 1}", f"{f}/downsample_bn", cout)
             cin = cout
 
-    flat = {
-        jax.tree_util.keystr(path, simple=True, separator="/")
-        for tree in (params, stats)
-        for path, _ in jax.tree_util.tree_leaves_with_path(tree)
-    }
+    flat = {*pytree.leaf_paths(params), *pytree.leaf_paths(stats)}
     if flat != used:
         raise ValueError(f"resnet export: unmapped variables {sorted(flat - used)[:5]}")
 

@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
+from selfsup import pytree
 from selfsup.backbones.vit import SIZES, Model, sincos_pos_embed
 from selfsup.errors import UserError
 
@@ -55,8 +55,8 @@ def export_torch(
     if h % p or w % p:
         raise UserError(f"vit export: input size {h}x{w} is not a multiple of the patch size {p}")
     flat = {
-        jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf, np.float32)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+        name: np.asarray(leaf, np.float32)
+        for name, leaf in pytree.by_path(variables["params"]).items()
     }
     flat.pop("mask_token", None)
     channels = flat["patch_embed/kernel"].shape[2] if "patch_embed/kernel" in flat else 3

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from selfsup import pytree
 from selfsup.errors import UserError
 from selfsup.io import paths
 
@@ -145,12 +146,12 @@ def checksums(tree: PyTree) -> dict[str, str]:
             out_shardings = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             break
     sums = _tree_sums(out_shardings)(tree)
-    return {k: _hex(np.asarray(v)) for k, v in _leaves_by_path(jax.device_get(sums)).items()}
+    return {k: _hex(np.asarray(v)) for k, v in pytree.by_path(jax.device_get(sums)).items()}
 
 
 def numpy_checksums(tree: PyTree) -> dict[str, str]:
     """`checksums` of a tree of host arrays, computed in NumPy."""
-    return {k: _hex(_sums_numpy(np.asarray(v))) for k, v in _leaves_by_path(tree).items()}
+    return {k: _hex(_sums_numpy(np.asarray(v))) for k, v in pytree.by_path(tree).items()}
 
 
 def _verify(step_dir: Path, meta: dict, sums: dict[str, str]) -> None:
@@ -242,14 +243,9 @@ def _read_tree_metadata(mngr: ocp.CheckpointManager, step: int) -> PyTree | None
         return None
 
 
-def _leaves_by_path(tree: PyTree) -> dict[str, Any]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
-
-
 def _check_matches(stored: PyTree, target: PyTree, step_dir: Path) -> None:
     """Raises a UserError naming the first key whose presence, shape or dtype differs."""
-    have, want = _leaves_by_path(stored), _leaves_by_path(target)
+    have, want = pytree.by_path(stored), pytree.by_path(target)
     fix = "the config does not match the checkpoint; resume with the config it was saved with"
     missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
     if missing:

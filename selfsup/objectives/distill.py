@@ -11,14 +11,16 @@ The tau^2 keeps the gradients' scale independent of tau (Hinton et al. 2015); at
 paper's Eq. 2.
 No labels are read, so any image source works as the unlabelled set.
 
-The teacher is the `backbone` + `head` (Dense) of a run's checkpoint in `teacher` (a workdir;
-a `supervised` fine-tuning run, or a `distill` run for another round): its parameters and
-BatchNorm statistics are read as host arrays (`selfsup.io.checkpoint.restore_tree`), its
-architecture from the checkpoint's config. They live in the objective's "teacher" collection,
-outside "params": the optimiser never sees them (no gradient, update, weight decay or optimiser
-state), the teacher runs in inference mode (running BN statistics, no dropout) on the student's
-view, and the collection is checkpointed with the run, so a resumed run does not depend on the
-teacher's workdir staying the same. The teacher's view normalisation must match the student's.
+The teacher is the `backbone` + `head` (Dense) of a run's checkpoint (`config.objective.teacher`,
+a workdir: a `supervised` fine-tuning run, or a `distill` run for another round). The objective
+declares `needs_teacher`; the training side reads the checkpoint (`selfsup.train.teacher`: its
+parameters and BatchNorm statistics as host arrays, its architecture from the checkpoint's
+config) and hands the `objectives.Teacher` to the `teacher` field. Its variables live in the
+objective's "teacher" collection, outside "params": the optimiser never sees them (no gradient,
+update, weight decay or optimiser state), the teacher runs in inference mode (running BN
+statistics, no dropout) on the student's view, and the collection is checkpointed with the run,
+so a resumed run does not depend on the teacher's workdir staying the same. The teacher's view
+normalisation must match the student's.
 
 Deviations from the official code: none in the loss. The optional weighted combination with a
 labelled cross-entropy (the paper's alternative to Eq. 2 when many labels exist) is not
@@ -27,10 +29,6 @@ implemented.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -38,11 +36,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from selfsup import backbones
 from selfsup.errors import UserError
-from selfsup.io import checkpoint
-
-COLLECTION = "teacher"
+from selfsup.objectives import TEACHER_COLLECTION, Teacher
 
 
 def distill_loss(
@@ -59,23 +54,6 @@ def distill_loss(
     return temperature**2 * cross_entropy.mean()
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Teacher:
-    """A classifier read from a checkpoint: an unbound backbone and its host variables.
-
-    variables: {"params": {"backbone", "head": {"kernel" [D, C], "bias" [C]}},
-                <collection, e.g. "batch_stats">: {"backbone": ...}}.
-    """
-
-    backbone: nn.Module
-    variables: dict
-    step: int
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.variables["params"]["head"]["kernel"].shape[1])
-
-
 def teacher_logits(teacher: Teacher, variables: dict, images: jax.Array) -> jax.Array:
     """The teacher's class logits for images [B, H, W, 3] -> float32 [B, C], inference mode."""
     params = variables["params"]
@@ -86,77 +64,37 @@ def teacher_logits(teacher: Teacher, variables: dict, images: jax.Array) -> jax.
     return pooled.astype(jnp.float32) @ head["kernel"] + head["bias"]
 
 
-@functools.lru_cache(maxsize=4)
-def load_teacher(workdir: str, step: int = 0, dtype: Any = jnp.float32) -> Teacher:
-    """The classifier in `workdir`'s checkpoint `step` (0: the latest), computing in `dtype`.
-
-    Raises UserError when the checkpoint is missing, has no `backbone` + Dense `head`, or its
-    config cannot build the backbone. Cached: the teacher is read once per process.
-    """
-    trees, meta = checkpoint.restore_tree(workdir, ("params", "model_state"), step or None)
-    params = trees["params"]
-    head = params.get("head") if isinstance(params, dict) else None
-    if "backbone" not in params or not isinstance(head, dict) or set(head) != {"kernel", "bias"}:
-        raise UserError(
-            f"distill: the checkpoint in {workdir} has no classifier (params 'backbone' and a "
-            "Dense 'head'); set config.objective.teacher to the workdir of a fine-tuning run "
-            "(objective 'supervised') or of a distill run"
-        )
-    backbone_config = dict(meta.get("config", {}).get("backbone", {}))
-    name = backbone_config.pop("name", None)
-    if not name:
-        raise UserError(
-            f"distill: the checkpoint in {workdir} records no backbone config; it was not "
-            "written by selfsup's training loop"
-        )
-    backbone_config["dtype"] = dtype
-    module = importlib.import_module(f"selfsup.backbones.{name}")
-    # parent=None: an unbound module, never adopted by the student it is built inside.
-    net = backbones.construct(
-        module.Model, backbone_config, f"teacher backbone ({name})", parent=None
-    )
-    variables = {"params": {"backbone": params["backbone"], "head": head}}
-    for collection, tree in trees["model_state"].items():
-        if collection != COLLECTION and isinstance(tree, dict) and "backbone" in tree:
-            variables[collection] = {"backbone": tree["backbone"]}
-    return Teacher(net, variables, int(meta["step"]))
-
-
 class Objective(nn.Module):
     """A student classifier (`backbone` + linear `head`) distilled from the classifier in the
-    `teacher` workdir; one view [B, H, W, 3]."""
+    `teacher` (loaded by the training side from config.objective.teacher); one view
+    [B, H, W, 3]."""
 
     backbone: nn.Module
-    teacher: str = ""  # workdir of the teacher run
-    teacher_step: int = 0  # 0: its latest checkpoint
+    teacher: Teacher | None = None
     temperature: float = 1.0
     dtype: Any = jnp.float32
 
     num_views = 1
+    needs_teacher = True
     mutable = ("batch_stats",)  # the student's; the teacher collection is never written
     rng_streams = ("dropout", "drop_path")
 
     def __post_init__(self):
-        if not self.teacher:
+        if not isinstance(self.teacher, Teacher):
             raise UserError(
-                "distill: set config.objective.teacher to the workdir of a fine-tuned run"
+                "distill: the teacher must be a loaded classifier (objectives.Teacher, from "
+                f"selfsup.train.teacher.with_teacher), got {self.teacher!r}"
             )
         if self.temperature <= 0:
             raise UserError(f"distill: temperature must be > 0, got {self.temperature}")
-        self.load()  # a bad teacher is an error at build time
         super().__post_init__()
-
-    def load(self) -> Teacher:
-        # Local paths absolute, so the cache does not depend on the working directory.
-        path = self.teacher if "://" in self.teacher else os.path.abspath(self.teacher)
-        return load_teacher(path, self.teacher_step, self.dtype)
 
     @nn.compact
     def __call__(self, views: tuple[jax.Array, ...], *, train: bool) -> tuple[jax.Array, dict]:
         """views[0] [B, H, W, 3] -> (loss, {"loss", "teacher_agreement"})."""
-        teacher = self.load()
+        teacher = self.teacher
         stored = {
-            key: self.variable(COLLECTION, key, lambda v=value: v).value
+            key: self.variable(TEACHER_COLLECTION, key, lambda v=value: v).value
             for key, value in teacher.variables.items()
         }
         images = views[0]

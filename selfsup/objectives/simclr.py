@@ -37,19 +37,17 @@ import jax.numpy as jnp
 
 from selfsup.backbones import Features
 from selfsup.errors import UserError
+from selfsup.ops import l2_normalize
 
 # The head's first layer: kept by fine-tuning; its output is the fine-tuning input.
 FINETUNE_LAYER = "head/layer_0"
 FINETUNE_FEATURE = "head_layer_0"
 BN_EPS = 1e-5
-L2_EPS = 1e-12  # as tf.math.l2_normalize: x / sqrt(max(|x|^2, eps))
+# tf.math.l2_normalize's default epsilon (1e-12 on the squared norm), which the official code
+# uses: the norm is floored at 1e-6.
+L2_EPS = 1e-6
 
 head_init = nn.initializers.normal(0.01)
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """x / max(||x||, 1e-6) along the last axis, as tf.math.l2_normalize."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), L2_EPS))
 
 
 def nt_xent_logits(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
@@ -58,7 +56,7 @@ def nt_xent_logits(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Arra
     Rows and columns are (z1_0 .. z1_{N-1}, z2_0 .. z2_{N-1}); entry (i, j) is
     cos(z_i, z_j) / temperature, with the diagonal (self-similarity) set to -inf.
     """
-    z = l2_normalize(jnp.concatenate([z1, z2], axis=0).astype(jnp.float32))
+    z = l2_normalize(jnp.concatenate([z1, z2], axis=0).astype(jnp.float32), eps=L2_EPS)
     logits = z @ z.T / temperature
     return jnp.where(jnp.eye(z.shape[0], dtype=bool), -jnp.inf, logits)
 

@@ -44,16 +44,9 @@ import jax
 import jax.numpy as jnp
 
 from selfsup.errors import UserError
-from selfsup.ops import torch_default_init, torch_default_kernel_init
+from selfsup.ops import l2_normalize, torch_default_init, torch_default_kernel_init
 
 BN_EPS = 1e-5
-L2_EPS = 1e-12  # F.normalize's eps
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """x / max(||x||, 1e-12) along `axis` (F.normalize)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, L2_EPS)
 
 
 def sinkhorn(scores: jax.Array, epsilon: float = 0.05, iterations: int = 3) -> jax.Array:

@@ -15,6 +15,7 @@ from selfsup.ops.dispatch import CPU_FORM_SCOPE, form, forms
 from selfsup.ops.gelu import gelu
 from selfsup.ops.global_norm import global_norm
 from selfsup.ops.init import torch_default_init, torch_default_kernel_init
+from selfsup.ops.l2_normalize import l2_normalize
 from selfsup.ops.layer_norm import LayerNorm, layer_norm
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "forms",
     "gelu",
     "global_norm",
+    "l2_normalize",
     "layer_norm",
     "matmul",
     "max_pool",

@@ -44,6 +44,6 @@ labels, multipliers, layer-wise decay, holds), `build` (the chain from `config.o
 
 from selfsup.optim.build import build
 from selfsup.optim.schedules import make_schedule, scaled_lr
-from selfsup.optim.transforms import param_paths, path_labels
+from selfsup.optim.transforms import path_labels
 
-__all__ = ["build", "make_schedule", "param_paths", "path_labels", "scaled_lr"]
+__all__ = ["build", "make_schedule", "path_labels", "scaled_lr"]

@@ -9,19 +9,18 @@ from typing import Any
 
 import optax
 
+from selfsup import config as config_lib
+from selfsup import pytree
 from selfsup.errors import UserError
 from selfsup.optim.optimizers import OPTIMIZERS, Hyper
 from selfsup.optim.schedules import SCHEDULES, Schedule, make_schedule, scaled_lr
 from selfsup.optim.transforms import (
     hold_until,
-    param_paths,
     path_labels,
     scale_by_layer_decay,
     scale_by_path,
     zero_inactive,
 )
-
-DEFAULT_NO_DECAY = (r".*/bias$", r".*/scale$", r".*(pos_embed|cls_token|mask_token).*")
 
 
 def build(
@@ -29,19 +28,22 @@ def build(
 ) -> tuple[optax.GradientTransformation, Schedule]:
     """(tx, lr_schedule) from `config.optim` (ConfigDict or dict); see the module docstring.
     `backbone`, the model's backbone module, declares the layers of `layer_decay` (needed then).
+    Keys it lacks take their values from `selfsup.config.defaults().optim`.
 
     Regexes that match no parameter raise UserError at `tx.init(params)`, the first time the
     parameter names are known (the default `no_decay` regexes are exempt: not every backbone has
     position embeddings).
     """
-    cfg = config_optim.to_dict() if hasattr(config_optim, "to_dict") else dict(config_optim)
-    name = cfg.get("name", "adamw")
+    defaults = config_lib.defaults().optim.to_dict()
+    given = config_optim.to_dict() if hasattr(config_optim, "to_dict") else dict(config_optim)
+    cfg = {**defaults, **given}
+    name = cfg["name"]
     if name not in OPTIMIZERS:
         raise UserError(
             f"config.optim.name: unknown optimiser '{name}'; known: {', '.join(sorted(OPTIMIZERS))}"
         )
     for key in ("base_lr", "lr_batch_divisor"):
-        if cfg.get(key) is None:
+        if cfg[key] is None:
             raise UserError(
                 f"config.optim.{key} is missing; set it (lr = base_lr * batch_size / "
                 "lr_batch_divisor, divisor 0 for no scaling)"
@@ -51,27 +53,27 @@ def build(
         raise UserError(
             f"config.optim.lr_batch_divisor must be >= 0 (0 = no scaling), got {divisor}"
         )
-    warmup = int(cfg.get("warmup_steps", 0) or 0)
+    warmup = int(cfg["warmup_steps"] or 0)
     if total_steps < 1 or not 0 <= warmup <= total_steps:
         raise UserError(
             f"config.optim.warmup_steps ({warmup}) must be between 0 and the total number of "
             f"training steps ({total_steps}); shorten the warmup or train longer"
         )
-    kind = cfg.get("schedule", "cosine")
+    kind = cfg["schedule"]
     if kind not in SCHEDULES:
         raise UserError(
             f"config.optim.schedule: unknown schedule '{kind}'; known: {', '.join(SCHEDULES)}"
         )
     peak = scaled_lr(cfg["base_lr"], batch_size, divisor)
     schedule = make_schedule(
-        kind, peak, warmup_steps=warmup, total_steps=total_steps, min_lr=cfg.get("min_lr", 0.0)
+        kind, peak, warmup_steps=warmup, total_steps=total_steps, min_lr=cfg["min_lr"]
     )
 
-    no_decay = _regexes(cfg.get("no_decay", DEFAULT_NO_DECAY), "no_decay")
-    frozen = _regexes(cfg.get("frozen", ()), "frozen")
-    lars_exclude = cfg.get("lars_exclude")
+    no_decay = _regexes(cfg["no_decay"], "no_decay")
+    frozen = _regexes(cfg["frozen"], "frozen")
+    lars_exclude = cfg["lars_exclude"]
     lars_exclude = no_decay if lars_exclude is None else _regexes(lars_exclude, "lars_exclude")
-    lr_mults = _mult_rules(cfg.get("lr_mults", ()))
+    lr_mults = _mult_rules(cfg["lr_mults"])
     decay_rules = [(r, False) for r in (*no_decay, *frozen)]
     adapt_rules = [(r, False) for r in (*lars_exclude, *frozen)]
     hyper = Hyper(
@@ -81,18 +83,18 @@ def build(
         adapt_mask=lambda params: path_labels(params, adapt_rules, True),
     )
     for key in ("momentum", "trust_coefficient"):
-        value = cfg.get(key, 0.0)
+        value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise UserError(f"config.optim.{key} must be a number >= 0, got {value!r}")
 
     chain = []
-    clip = cfg.get("grad_clip_norm")
+    clip = cfg["grad_clip_norm"]
     if clip:
         chain.append(optax.clip_by_global_norm(clip))
     chain.append(OPTIMIZERS[name](cfg, hyper))
     if lr_mults:
         chain.append(scale_by_path(lr_mults))
-    held = _hold_rules(cfg.get("frozen_until", ()))
+    held = _hold_rules(cfg["frozen_until"])
     if held:
         # Clipping goes outside, over the gradients left after zeroing frozen and held ones.
         clip_tx = chain[:-1] if not lr_mults else chain[:-2]
@@ -114,7 +116,7 @@ def build(
             {"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
             lambda params: path_labels(params, [(r, "frozen") for r in frozen], "train"),
         )
-    layer_decay = cfg.get("layer_decay", 0.0) or 0.0
+    layer_decay = cfg["layer_decay"] or 0.0
     if isinstance(layer_decay, bool) or not isinstance(layer_decay, int | float):
         raise UserError(f"config.optim.layer_decay must be a number, got {layer_decay!r}")
     if not 0.0 <= layer_decay <= 1.0:
@@ -128,15 +130,15 @@ def build(
         # Outside the groups: the multipliers need every parameter's path.
         tx = optax.chain(tx, scale_by_layer_decay(layer_decay, backbone))
     checked = {
-        "no_decay": [r for r in no_decay if r not in DEFAULT_NO_DECAY],
-        "lars_exclude": [r for r in lars_exclude if r not in (*DEFAULT_NO_DECAY, *no_decay)],
+        "no_decay": [r for r in no_decay if r not in defaults["no_decay"]],
+        "lars_exclude": [r for r in lars_exclude if r not in (*defaults["no_decay"], *no_decay)],
         "frozen": list(frozen),
         "lr_mults": [r for r, _ in lr_mults],
         "frozen_until": [r for r, _ in held],
     }
 
     def init(params: Any) -> Any:
-        paths = param_paths(params)
+        paths = pytree.leaf_paths(params)
         for key, regexes in checked.items():
             for regex in regexes:
                 if not any(re.fullmatch(regex, p) for p in paths):
@@ -151,7 +153,7 @@ def build(
 
 def _weight_decay(cfg: dict, total_steps: int) -> float | Schedule:
     """The weight decay: a constant, or a cosine to `weight_decay_end` over the whole run."""
-    wd, end = cfg.get("weight_decay", 0.05), cfg.get("weight_decay_end")
+    wd, end = cfg["weight_decay"], cfg["weight_decay_end"]
     for key, value in (("weight_decay", wd), ("weight_decay_end", end)):
         if value is None and key == "weight_decay_end":
             continue

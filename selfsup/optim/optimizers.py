@@ -1,5 +1,6 @@
 """The optimisers, one function each: `(cfg, Hyper) -> GradientTransformation` in `OPTIMIZERS`
 (AdamW, SGD, the two LARS variants, LAMB); see the package docstring for their update rules.
+`cfg` holds every key of `selfsup.config.defaults().optim` (`build` fills the missing ones).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ class Hyper(NamedTuple):
 def _adamw(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
     return optax.adamw(
         hp.lr,
-        b1=cfg.get("b1", 0.9),
-        b2=cfg.get("b2", 0.95),
-        eps=cfg.get("eps", 1e-8),
+        b1=cfg["b1"],
+        b2=cfg["b2"],
+        eps=cfg["eps"],
         weight_decay=hp.weight_decay,
         mask=hp.decay_mask,
     )
@@ -38,7 +39,7 @@ def _sgd(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
     # L2 decay added to the gradient before momentum, as torch.optim.SGD's weight_decay.
     return optax.chain(
         optax.add_decayed_weights(hp.weight_decay, hp.decay_mask),
-        optax.sgd(hp.lr, momentum=cfg.get("momentum", 0.9), nesterov=False),
+        optax.sgd(hp.lr, momentum=cfg["momentum"], nesterov=False),
     )
 
 
@@ -75,9 +76,9 @@ def _lars_simclr(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
     # scale_by_learning_rate before trace: the LR enters the momentum buffer (v = m v + lr u).
     return optax.chain(
         optax.add_decayed_weights(hp.weight_decay, hp.decay_mask),
-        _trust_ratio(hp, cfg.get("trust_coefficient", 1e-3)),
+        _trust_ratio(hp, cfg["trust_coefficient"]),
         optax.scale_by_learning_rate(hp.lr),
-        optax.trace(decay=cfg.get("momentum", 0.9), nesterov=False),
+        optax.trace(decay=cfg["momentum"], nesterov=False),
     )
 
 
@@ -85,8 +86,8 @@ def _lars(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
     # trace before scale_by_learning_rate: the buffer holds trust-scaled steps, lr multiplies it.
     return optax.chain(
         optax.add_decayed_weights(hp.weight_decay, hp.decay_mask),
-        _trust_ratio(hp, cfg.get("trust_coefficient", 1e-3)),
-        optax.trace(decay=cfg.get("momentum", 0.9), nesterov=False),
+        _trust_ratio(hp, cfg["trust_coefficient"]),
+        optax.trace(decay=cfg["momentum"], nesterov=False),
         optax.scale_by_learning_rate(hp.lr),
     )
 
@@ -94,9 +95,7 @@ def _lars(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
 def _lamb(cfg: dict, hp: Hyper) -> optax.GradientTransformation:
     # optax.lamb adapts every parameter; timm's Lamb (SparK) skips its no-decay group: the mask.
     return optax.chain(
-        optax.scale_by_adam(
-            b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95), eps=cfg.get("eps", 1e-8)
-        ),
+        optax.scale_by_adam(b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"]),
         optax.add_decayed_weights(hp.weight_decay, hp.decay_mask),
         _trust_ratio(hp, 1.0),
         optax.scale_by_learning_rate(hp.lr),

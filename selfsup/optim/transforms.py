@@ -12,11 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def param_paths(params: Any) -> list[str]:
-    """'/'-joined key paths of the leaves of `params`, in flatten order."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return [_path_str(path) for path, _ in leaves]
+from selfsup import pytree
 
 
 def path_labels(params: Any, rules: Sequence[tuple[str, Any]], default: Any) -> Any:
@@ -25,17 +21,13 @@ def path_labels(params: Any, rules: Sequence[tuple[str, Any]], default: Any) -> 
     compiled = [(re.compile(regex), value) for regex, value in rules]
 
     def label(path: tuple, _: Any) -> Any:
-        name = _path_str(path)
+        name = pytree.path_str(path)
         for pattern, value in compiled:
             if pattern.fullmatch(name):
                 return value
         return default
 
     return jax.tree_util.tree_map_with_path(label, params)
-
-
-def _path_str(path: tuple) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def scale_by_path(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from selfsup import pytree
 from selfsup.errors import UserError
 
 AXES = ("data", "fsdp")
@@ -60,19 +61,6 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def path_str(path: tuple) -> str:
-    """'/'-joined key path: ("params", "backbone", "blocks_0") -> "params/backbone/blocks_0"."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
-
-
 def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
     """Shard the largest dimension divisible by `fsdp_size` over `fsdp`; replicate if none is."""
     if fsdp_size <= 1:
@@ -96,7 +84,7 @@ def tree_shardings(tree: Any, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str
 
     def place(path, leaf):
         shape = np.shape(leaf)
-        name = path_str(path)
+        name = pytree.path_str(path)
         placement = next((pl for pattern, pl in compiled if pattern.fullmatch(name)), "replicate")
         if placement == "fsdp":
             spec = fsdp_spec(shape, fsdp_size)

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from selfsup import backbones
+from selfsup import backbones, pytree
 from selfsup.errors import UserError
 from selfsup.evaluators import backbone_variables
 from selfsup.io import checkpoint, paths
@@ -42,11 +42,6 @@ PRETRAINING_ONLY = (r"params/mask_token",)
 
 # ---------------------------------------------------------------------------------------------
 # Layer-wise learning-rate decay.
-
-
-def _paths(tree: Any) -> list[str]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in flat]
 
 
 def layer_rule(backbone: Any) -> tuple[Callable[[str], int], int]:
@@ -74,17 +69,13 @@ def layer_ids(paths: list[str], backbone: Any) -> tuple[list[int], int]:
 def layer_decay_multipliers(params: Any, decay: float, backbone: Any) -> Any:
     """Pytree like `params` of float learning-rate multipliers decay^(L - layer id), the layers
     as `backbone` (the model's `backbone` submodule) declares them."""
-    ids, last = layer_ids(_paths(params), backbone)
+    ids, last = layer_ids(pytree.leaf_paths(params), backbone)
     treedef = jax.tree.structure(params)
     return jax.tree.unflatten(treedef, [float(decay) ** (last - i) for i in ids])
 
 
 # ---------------------------------------------------------------------------------------------
 # init_from.
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    return dict(zip(_paths(tree), jax.tree.leaves(tree), strict=True))
 
 
 def load_backbone(state, workdir: str, step: int | None = None, *, verbose: bool = True):
@@ -103,9 +94,9 @@ def load_backbone(state, workdir: str, step: int | None = None, *, verbose: bool
     fix = f"its backbone is {saved}; set config.backbone to match it"
     if "backbone" not in trees["params"]:
         raise UserError(f"{where} has no 'backbone' parameters: not a selfsup training run")
-    source = _flat(backbone_variables(trees["params"], trees["model_state"]))
+    source = pytree.by_path(backbone_variables(trees["params"], trees["model_state"]))
     target = backbone_variables(state.params, state.model_state)
-    wanted = _flat(target)
+    wanted = pytree.by_path(target)
     for key, leaf in wanted.items():
         if key not in source:
             raise UserError(f"{where} has no backbone {key}, which config.backbone builds; {fix}")
@@ -121,7 +112,7 @@ def load_backbone(state, workdir: str, step: int | None = None, *, verbose: bool
         )
 
     def place(path: tuple, leaf: jax.Array) -> jax.Array:
-        value = np.asarray(source[jax.tree_util.keystr(path, simple=True, separator="/")])
+        value = np.asarray(source[pytree.path_str(path)])
         value = value.astype(leaf.dtype)
         # Every process holds the whole array: each takes the shards its devices own.
         return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda idx: value[idx])

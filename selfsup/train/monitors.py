@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from selfsup import augment, data, objectives
@@ -84,7 +83,12 @@ class ReconstructionImages:
         self.every, self.skipped = config.image_every_steps, 0
         if not self.enabled:
             return
-        display_fn, self.mean, self.std = display_view(config.views[0], config.data.image_size)
+        # The first view's size and normalisation without its random ops; mean and std undo
+        # the normalisation for display.
+        view = augment.view_geometry(config.views[0], config.data.image_size)
+        spec = "|".join([f"resize({(view.height, view.width)})", *view.normalize])
+        display_fn = augment.build([spec])
+        self.mean, self.std = (np.asarray(v, np.float32) for v in (view.mean, view.std))
         # Undecodable images are skipped and counted, as in the training batches.
         host, self.skipped = data.first_decodable(source, config.num_images)
         self.images = jax.device_put(host, sharding.replicated(mesh))
@@ -107,27 +111,6 @@ class ReconstructionImages:
         order += sorted(set(out) - set(order))  # jit returns dicts with sorted keys
         columns = {k: np.asarray(out[k]) * self.std + self.mean for k in order}
         writer.image(step, "reconstruction", logs.image_grid(columns))
-
-
-def display_view(spec: str, image_size: int):
-    """(views_fn, mean, std): `spec`'s output size and normalisation without its random ops, and
-    the per-channel affine map that undoes the normalisation for display."""
-    (shape,) = jax.eval_shape(
-        augment.build([spec]),
-        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8),
-        jax.random.key(0),
-    )
-    normalize = [
-        f"{name}({', '.join([*map(repr, args), *(f'{k}={v!r}' for k, v in kwargs.items())])})"
-        for name, args, kwargs in augment.parse(spec)
-        if name == "normalize"
-    ]
-    views_fn = augment.build(["|".join([f"resize({tuple(shape.shape[1:3])})", *normalize])])
-    # The normalisation is affine per channel: read it off from the images 0 and 1.
-    probe = views_fn(jnp.stack([jnp.zeros((1, 1, 3)), jnp.ones((1, 1, 3))]), jax.random.key(0))[0]
-    zero, one = np.asarray(probe[0, 0, 0]), np.asarray(probe[1, 0, 0])
-    std = 1.0 / (one - zero)
-    return views_fn, -zero * std, std
 
 
 class SignalCatcher:

@@ -21,6 +21,7 @@ from selfsup.errors import UserError
 from selfsup.ops import global_norm
 from selfsup.parallel import sharding
 from selfsup.train import state as state_lib
+from selfsup.train import teacher as teacher_lib
 
 
 def stream_keys(seed: int, step: jax.Array, names: tuple[str, ...]) -> dict[str, jax.Array]:
@@ -32,11 +33,13 @@ def stream_keys(seed: int, step: jax.Array, names: tuple[str, ...]) -> dict[str,
 
 def build_model(config: mlc.ConfigDict, num_classes: int | None = None):
     """The objective (with its backbone) in the config's compute dtype; an objective with a
-    `num_classes` field left unset gets the dataset's `num_classes`."""
+    `num_classes` field left unset gets the dataset's `num_classes`, one that `needs_teacher`
+    gets the teacher read from the checkpoint in `config.objective.teacher`."""
     objective, backbone = dict(config.objective), dict(config.backbone)
     if config.compute_dtype == "bfloat16":
         objective.setdefault("dtype", jnp.bfloat16)
         backbone.setdefault("dtype", jnp.bfloat16)
+    objective = teacher_lib.with_teacher(objective, objective.get("dtype", jnp.float32))
     return objectives.build(objective, backbone, num_classes=num_classes)
 
 

@@ -660,3 +660,36 @@ def test_asymmetric_views_follow_their_own_specs():
     )
     np.testing.assert_array_equal(v0, x)
     np.testing.assert_allclose(v1, np.where(x >= 0.5, 1 - x, x), atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "spec, size, expect",
+    [
+        (
+            "rrc(24)|flip|normalize('imagenet')",
+            32,
+            (24, 24, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), ("normalize('imagenet')",)),
+        ),
+        (
+            "resize(37)|center_crop(32)|normalize((0.5,), (0.25,))",
+            32,
+            (32, 32, 3, (0.5,) * 3, (0.25,) * 3, ("normalize((0.5,), (0.25,))",)),
+        ),
+        # Two normalize ops compose: ((x - 0.5) / 0.25 - 1) / 2 = (x - 0.75) / 0.5.
+        (
+            "resize(48)|normalize(0.5, 0.25)|normalize(mean=1.0, std=2.0)",
+            40,
+            (
+                48,
+                48,
+                3,
+                (0.75,) * 3,
+                (0.5,) * 3,
+                ("normalize(0.5, 0.25)", "normalize(mean=1.0, std=2.0)"),
+            ),
+        ),
+        ("rrc(24)", 40, (24, 24, 3, (0.0,) * 3, (1.0,) * 3, ())),
+    ],
+)
+def test_view_geometry_gives_size_and_normalisation(spec, size, expect):
+    assert tuple(augment.view_geometry(spec, size)) == expect

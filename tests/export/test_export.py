@@ -193,16 +193,6 @@ def test_npz_needs_biases(tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # nothing written, not even the safetensors
 
 
-def test_view_geometry_reads_size_and_normalisation():
-    config = {
-        "views": ["resize(48)|flip|normalize(0.5, (0.25, 0.5, 2.0))"],
-        "data": {"image_size": 40},
-    }
-    assert export.view_geometry(config) == (3, 48, 48, [0.5] * 3, [0.25, 0.5, 2.0])
-    config = {"views": ["rrc(24)"], "data": {"image_size": 40}}
-    assert export.view_geometry(config) == (3, 24, 24, [0.0] * 3, [1.0] * 3)
-
-
 def test_missing_checkpoint_and_missing_export(tmp_path, capsys):
     code, err = run_cli(capsys, "--workdir", tmp_path / "nothing", "--out", tmp_path / "x")
     assert code == 2 and "no checkpoint in" in err

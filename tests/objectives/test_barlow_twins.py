@@ -134,6 +134,7 @@ import json, jax, numpy as np, jax.numpy as jnp, optax
 from selfsup import objectives
 from selfsup.train import loop, monitors, step as step_lib
 from selfsup.parallel import sharding
+from selfsup import pytree
 from selfsup.train import state as state_lib
 
 model = objectives.build(OBJECTIVE, BACKBONE)
@@ -151,7 +152,7 @@ for name, mesh in [("one", one), ("eight", sharding.make_mesh({"data": 4, "fsdp"
     placed = jax.device_put(host, sharding.tree_shardings(host, mesh, [(".*", "fsdp")]))
     batch = {"image": jax.device_put(stacked, sharding.batch_sharding(mesh))}
     loss, _, grads, updates = jax.jit(step_lib.make_grad_fn(model, views_fn, seed=0))(placed, batch)
-    flat = lambda t: {sharding.path_str(p): np.asarray(v)
+    flat = lambda t: {pytree.path_str(p): np.asarray(v)
                       for p, v in jax.tree_util.tree_leaves_with_path(t)}
     out[name] = (float(loss), flat(grads), flat(updates))
 (l1, g1, u1), (l8, g8, u8) = out["one"], out["eight"]

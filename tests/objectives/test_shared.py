@@ -9,6 +9,7 @@ time with a UserError naming the problem.
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import pkgutil
@@ -21,12 +22,13 @@ import optax
 import pytest
 from conftest import REPO, run_python
 
-from selfsup import augment, backbones, objectives, ops
+from selfsup import augment, backbones, objectives, ops, pytree
 from selfsup import config as config_lib
 from selfsup.errors import UserError
 from selfsup.parallel import sharding
 from selfsup.train import state as state_lib
 from selfsup.train import step as step_lib
+from selfsup.train import teacher
 
 OBJECTIVES = sorted(m.name for m in pkgutil.iter_modules(objectives.__path__))
 FAMILIES = sorted(m.name for m in pkgutil.iter_modules(backbones.__path__))
@@ -73,7 +75,8 @@ def setup(objective: str, family: str):
     if backbone is None:
         pytest.skip(f"backbone family '{family}' has no smoke config to take settings from")
     try:
-        model = objectives.build(config.objective.to_dict(), backbone, num_classes=10)
+        objective = teacher.with_teacher(config.objective.to_dict())
+        model = objectives.build(objective, backbone, num_classes=10)
     except UserError as e:
         assert family in str(e) or "mask mode" in str(e), e
         pytest.skip(f"{family} cannot serve {objective}: {e}")
@@ -122,9 +125,7 @@ def test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
         if i == 0:
             # Parameters the objective's config freezes (unused by its loss) need no gradient.
             frozen = [re.compile(r) for r in smoke_configs()[objective].optim.frozen]
-            named = [
-                (sharding.path_str(p), g) for p, g in jax.tree_util.tree_leaves_with_path(grads)
-            ]
+            named = [(pytree.path_str(p), g) for p, g in jax.tree_util.tree_leaves_with_path(grads)]
             dead = [
                 name
                 for name, g in named
@@ -153,6 +154,7 @@ sys.path[:0] = ["tests", "tests/objectives"]
 import test_shared as shared
 from selfsup.train import loop, monitors, step as step_lib
 from selfsup.parallel import sharding
+from selfsup import pytree
 from selfsup.train import state as state_lib
 out = {}
 for objective, family in GROUP:
@@ -168,7 +170,7 @@ for objective, family in GROUP:
         placed = jax.device_put(jax.tree.map(np.asarray, state), shardings)
         b = jax.device_put(batch, sharding.batch_sharding(mesh))
         loss, _, g, _ = jax.jit(step_lib.make_grad_fn(model, views_fn, seed=0))(placed, b)
-        grads[name] = (float(loss), {sharding.path_str(p): np.asarray(v)
+        grads[name] = (float(loss), {pytree.path_str(p): np.asarray(v)
                                      for p, v in jax.tree_util.tree_leaves_with_path(g)})
     (l1, g1), (l8, g8) = grads["one"], grads["eight"]
     # Relative to each leaf's scale, floored at 1e-3 of the largest: a leaf whose exact gradient
@@ -194,6 +196,24 @@ GROUPS = (
     ("auto", tuple((o, None) for o in OBJECTIVES if not has_own_eight_device_test(o))),
     ("reference", REFERENCE_FORM_PAIRS),
 )
+
+
+TRAINING_SIDE, TRAINING_SIDE_IO = ["selfsup", "train"], ["selfsup", "io"]
+
+
+def test_objectives_import_nothing_from_the_training_side():
+    """An objective gets what it needs (e.g. a distillation teacher) from the training side: it
+    never imports the loop's modules or reads checkpoints itself."""
+    for path in sorted((REPO / "selfsup" / "objectives").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            bad = [n for n in names if n.split(".")[:2] in (TRAINING_SIDE_IO, TRAINING_SIDE)]
+            assert not bad, f"{path.name} imports {bad[0]}"
 
 
 def test_every_objective_and_family_is_compared_on_eight_devices():

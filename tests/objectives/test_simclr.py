@@ -20,6 +20,7 @@ from selfsup.io import checkpoint
 from selfsup.objectives import distill, simclr
 from selfsup.train import loop
 from selfsup.train import step as step_lib
+from selfsup.train import teacher as teacher_lib
 
 VIT = {"name": "vit", "variant": "Ti/8", "depth": 1, "width": 32, "num_heads": 2}
 
@@ -203,17 +204,22 @@ def teacher_dir(tmp_path_factory) -> Path:
 
 
 def test_distill_targets_are_the_teachers_predictions(teacher_dir):
-    with pytest.raises(UserError, match="teacher"):
-        objectives.build({"name": "distill"}, VIT)
-    model = objectives.build({"name": "distill", "teacher": str(teacher_dir)}, VIT)
-    teacher = model.load()
+    with pytest.raises(UserError, match="set config.objective.teacher"):
+        teacher_lib.with_teacher({"name": "distill"})
+    # The objective never reads a checkpoint: it takes the teacher the training side loaded.
+    with pytest.raises(UserError, match="loaded classifier"):
+        objectives.build({"name": "distill", "teacher": str(teacher_dir)}, VIT)
+    objective = teacher_lib.with_teacher({"name": "distill", "teacher": str(teacher_dir)})
+    model = objectives.build(objective, VIT)
+    assert objectives.contract(model).needs_teacher
+    teacher = model.teacher
     assert teacher.num_classes == 5 and teacher.step == 3
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.uniform(size=(4, 16, 16, 3)).astype(np.float32))
     variables = jax.jit(lambda: model.init(jax.random.key(0), (x,), train=False))()
     assert "teacher" not in variables["params"]  # outside the optimiser's reach
     stored, _ = checkpoint.restore_params(teacher_dir)
-    logits = distill.teacher_logits(teacher, variables[distill.COLLECTION], x)
+    logits = distill.teacher_logits(teacher, variables[objectives.TEACHER_COLLECTION], x)
     direct = objectives.build({"name": "supervised", "num_classes": 5}, VIT)
     feats = jax.jit(direct.backbone.apply)({"params": stored["backbone"]}, x)
     expect = (
@@ -238,12 +244,14 @@ def test_distill_targets_are_the_teachers_predictions(teacher_dir):
 EIGHT_DEVICES = r"""
 import json, jax, numpy as np, jax.numpy as jnp, optax
 from selfsup import objectives
-from selfsup.train import loop
 from selfsup.parallel import sharding
+from selfsup import pytree
 from selfsup.train import state as state_lib
+from selfsup.train import step as step_lib
+from selfsup.train import teacher
 
 def compare(objective, backbone, num_views, batch=16, size=32):
-    model = objectives.build(objective, backbone)
+    model = objectives.build(teacher.with_teacher(objective), backbone)
     # Fixed views go into the step as they are (the augmentation is not what this compares; it
     # rounds differently on another mesh, ~1e-6, which a ResNet's max-pool would amplify).
     # Blocky random images: distinct samples, so the batch statistics are well conditioned.
@@ -259,7 +267,7 @@ def compare(objective, backbone, num_views, batch=16, size=32):
         placed = jax.device_put(host, sharding.tree_shardings(host, mesh, [(".*", "fsdp")]))
         b = {"image": jax.device_put(stacked, sharding.batch_sharding(mesh))}
         loss, _, grads, updates = jax.jit(step_lib.make_grad_fn(model, views_fn, seed=0))(placed, b)
-        flat = lambda t: {sharding.path_str(p): np.asarray(v)
+        flat = lambda t: {pytree.path_str(p): np.asarray(v)
                           for p, v in jax.tree_util.tree_leaves_with_path(t)}
         out[name] = (float(loss), flat(grads), flat(updates))
     (l1, g1, u1), (l8, g8, u8) = out["one"], out["eight"]
@@ -327,7 +335,7 @@ def test_distill_recipe_config_builds(teacher_dir):
         )
     spec = f"{REPO / 'configs/simclr_distill_resnet_in1k.py'}:teacher={teacher_dir}"
     model = step_lib.build_model(config_lib.resolve(config_lib.load(spec)))
-    assert model.backbone.variant == "50" and model.load().num_classes == 5
+    assert model.backbone.variant == "50" and model.teacher.num_classes == 5
 
 
 # ---------------------------------------------------------------- smoke configs, resume
@@ -356,7 +364,7 @@ def test_distill_smoke_config_resumes_with_the_teacher_frozen(tmp_path, teacher_
     stored = _flatten(checkpoint.restore_params(teacher_dir)[0])
     steps = [checkpoint.restore_tree(tmp_path, ("params", "model_state"), s)[0] for s in (1, 2)]
     for tree in steps:
-        kept = _flatten(tree["model_state"][distill.COLLECTION]["params"])
+        kept = _flatten(tree["model_state"][objectives.TEACHER_COLLECTION]["params"])
         assert kept.keys() == stored.keys()
         for key, value in stored.items():
             np.testing.assert_array_equal(kept[key], value, err_msg=key)

@@ -253,9 +253,10 @@ def test_frozen_until_holds_parameters_and_their_optimizer_state():
 EIGHT_DEVICES = r"""
 import json, jax, numpy as np, jax.numpy as jnp, optax
 from selfsup import augment, objectives
-from selfsup.train import loop
 from selfsup.parallel import sharding
+from selfsup import pytree
 from selfsup.train import state as state_lib
+from selfsup.train import step as step_lib
 
 model = objectives.build(OBJECTIVE, BACKBONE)
 views_fn = augment.build(VIEWS)
@@ -276,7 +277,7 @@ for name, mesh in [("one", one), ("eight", sharding.make_mesh({"data": 4, "fsdp"
     batch = {"image": jax.device_put(images, sharding.batch_sharding(mesh))}
     loss, metrics, grads, updates = jax.jit(step_lib.make_grad_fn(model, views_fn, seed=0))(
         placed, batch)
-    flat = lambda t: {sharding.path_str(p): np.asarray(v)
+    flat = lambda t: {pytree.path_str(p): np.asarray(v)
                       for p, v in jax.tree_util.tree_leaves_with_path(t)}
     out[name] = (float(loss), flat(grads), flat(updates), float(metrics["queue_used"]))
 (l1, g1, u1, q1), (l8, g8, u8, q8) = out["one"], out["eight"]

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from selfsup import config as config_lib
-from selfsup import optim
+from selfsup import optim, pytree
 from selfsup.errors import UserError
 
 SHAPES = {
@@ -45,7 +45,7 @@ def _nest(flat):
 
 
 def _flat(tree):
-    return dict(zip(optim.param_paths(tree), jax.tree.leaves(tree), strict=True))
+    return dict(zip(pytree.leaf_paths(tree), jax.tree.leaves(tree), strict=True))
 
 
 def _random(seed, scale=1.0):
@@ -242,7 +242,7 @@ def test_lr_multipliers_scale_updates_exactly():
 
 def test_param_paths_and_labels():
     tree = _nest({k: np.zeros(1) for k in SHAPES})
-    assert sorted(optim.param_paths(tree)) == sorted(SHAPES)
+    assert sorted(pytree.leaf_paths(tree)) == sorted(SHAPES)
     rules = [(r".*/bias", "b"), (r"backbone/.*", "bb"), (r"decoder/pred/kernel", "k")]
     labels = _flat(optim.path_labels(tree, rules, "other"))
     assert labels["backbone/patch_embed/bias"] == "b"
@@ -492,3 +492,21 @@ def test_new_optim_keys_have_defaults():
     for name in ("lars", "lars_simclr", "lamb"):  # the defaults build for every optimiser
         tx, _ = optim.build({**d.to_dict(), "name": name}, batch_size=8, total_steps=5)
         tx.init(_jax(_random(0)))
+
+
+def test_missing_keys_take_config_defaults(monkeypatch):
+    # A plain dict without no_decay, weight_decay, b1... steps as the dict of every default.
+    params, grads = _random(0), [_random(s, 0.1) for s in (1, 2)]
+    full = {**config_lib.defaults().optim.to_dict(), **_cfg()}
+    expect = _run(optim.build(full, batch_size=1, total_steps=5)[0], params, grads)
+    got = _run(optim.build(_cfg(), batch_size=1, total_steps=5)[0], params, grads)
+    assert got.keys() == expect.keys()
+    for key in expect:
+        np.testing.assert_array_equal(got[key], expect[key], err_msg=key)
+    # ...read from config.defaults(), the one place they are written.
+    defaults = config_lib.defaults()
+    defaults.optim.no_decay = (r".*",)  # nothing decays
+    monkeypatch.setattr(config_lib, "defaults", lambda: defaults)
+    plain = _run(optim.build(_cfg(), batch_size=1, total_steps=5)[0], params, grads)
+    changed = {k for k in got if not np.array_equal(plain[k], got[k])}
+    assert changed == DECAYED

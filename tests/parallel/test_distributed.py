@@ -252,6 +252,7 @@ from selfsup import config as C
 from selfsup.train import loop
 from selfsup.io import checkpoint
 from selfsup.parallel import sharding
+from selfsup import pytree
 
 workdir = sys.argv[1]
 cfg = C.resolve(C.load("configs/quickstart.py:smoke"), {
@@ -276,7 +277,7 @@ restored, meta = checkpoint.Manager(workdir).restore(target, step=3)
 pairs = zip(jax.tree_util.tree_leaves_with_path(files), jax.tree.leaves(restored), strict=True)
 report = {"step": meta["step"], "differ": [], "specs": {}, "devices": set()}
 for (key, a), b in pairs:
-    name = sharding.path_str(key)
+    name = pytree.path_str(key)
     if not np.array_equal(a, np.asarray(b)):
         report["differ"].append(name)
     report["specs"][name] = str(b.sharding.spec)

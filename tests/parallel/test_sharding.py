@@ -45,6 +45,7 @@ from selfsup import config as C, optim, augment, data
 from selfsup.train import loop, monitors, step as step_lib
 from selfsup.train import state as S
 from selfsup.parallel import sharding
+from selfsup import pytree
 
 cfg = C.resolve(C.load("configs/quickstart.py:smoke"), {"batch_size": "16"})
 model = step_lib.build_model(cfg)
@@ -65,13 +66,13 @@ for name, shape, devices in [("one", {"data": 1, "fsdp": 1}, jax.devices()[:1]),
     train_step = step_lib.make_train_step(model, tx, views_fn, cfg.seed, schedule)
     step = jax.jit(train_step, donate_argnums=0)
     state, _ = step(state, batch)
-    specs = {sharding.path_str(p): str(l.sharding.spec) for p, l in
+    specs = {pytree.path_str(p): str(l.sharding.spec) for p, l in
              jax.tree_util.tree_leaves_with_path(state.params)}
     results[name] = (loss, grads, state.params, specs, sharding.bytes_per_device(state.params))
 (l1, g1, p1, _, b1), (l8, g8, p8, specs, b8) = results["one"], results["eight"]
 def flat(tree):
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {sharding.path_str(p): np.asarray(v) for p, v in leaves}
+    return {pytree.path_str(p): np.asarray(v) for p, v in leaves}
 
 g1, g8, p1, p8 = flat(g1), flat(g8), flat(p1), flat(p8)
 print(json.dumps({
