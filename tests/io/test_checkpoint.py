@@ -18,7 +18,7 @@ from conftest import REPO
 from flax import serialization
 
 from selfsup.errors import UserError
-from selfsup.io import checkpoint
+from selfsup.io import checkpoint, checksums
 
 # A failed restore leaves orbax's other tensorstore reads in flight; when they finish (during a
 # later test, too) their callbacks find orbax's event loop closed and Python reports that.
@@ -102,7 +102,7 @@ def test_round_trip_exact(tmp_path):
     got, meta = mngr.restore(_abstract(state))
     _assert_identical(got, want)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(got))
-    sums = checkpoint.numpy_checksums(want)  # one per array, on the host as on the devices
+    sums = checksums.on_host(want)  # one per array, on the host as on the devices
     assert len(sums) == len(jax.tree.leaves(want))
     assert meta == {
         **_META,
@@ -415,16 +415,16 @@ def test_checksums_on_devices_equal_numpy_and_see_one_flipped_bit():
         "bool": jnp.asarray([True, False, True]),
         "scalar": jnp.asarray(3, jnp.int32),
     }
-    on_devices = checkpoint.checksums(tree)
-    assert on_devices == checkpoint.numpy_checksums(jax.tree.map(np.asarray, tree))
+    on_devices = checksums.on_devices(tree)
+    assert on_devices == checksums.on_host(jax.tree.map(np.asarray, tree))
     assert len(set(on_devices.values())) == len(tree)
     for key, value in jax.tree.map(np.asarray, tree).items():
         flipped = value.copy().reshape(-1)
         flipped.view(np.uint8)[flipped.nbytes // 2] ^= 1
         swapped = value.reshape(-1)[::-1].copy()  # same words, other order
-        assert checkpoint.numpy_checksums({key: flipped})[key] != on_devices[key], key
+        assert checksums.on_host({key: flipped})[key] != on_devices[key], key
         if value.size > 1 and not np.array_equal(swapped, value.reshape(-1)):
-            assert checkpoint.numpy_checksums({key: swapped})[key] != on_devices[key], key
+            assert checksums.on_host({key: swapped})[key] != on_devices[key], key
 
 
 def _big_state(v: int) -> dict:
