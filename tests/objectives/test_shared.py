@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO
 
 from selfsup import augment, backbones, objectives, ops
 from selfsup import config as config_lib
@@ -58,10 +58,29 @@ def family_backbone(family: str, objective: str) -> dict | None:
     return None
 
 
+@functools.cache
+def config_pairs() -> tuple[tuple[str, str], ...]:
+    """(objective, family) of every config's full variant, in file order (read, nothing built)."""
+    out = []
+    for path in sorted((REPO / "configs").glob("*.py")):
+        config = config_lib.resolve(config_lib.load(str(path)))
+        out.append((config.objective.name, config.backbone.name))
+    return tuple(out)
+
+
+def home_family(objective: str) -> str | None:
+    """The family that `objective`'s first config trains; None for one without a config."""
+    return next((f for o, f in config_pairs() if o == objective), None)
+
+
 def pairs():
+    """Every objective x family; the default tier trains each objective on its first config's
+    family, the slow tier on the others too."""
     for objective in OBJECTIVES:
+        home = home_family(objective)
         for family in FAMILIES:
-            yield pytest.param(objective, family, id=f"{objective}-{family}")
+            slow = [] if family == home or home is None else [pytest.mark.slow]
+            yield pytest.param(objective, family, id=f"{objective}-{family}", marks=slow)
 
 
 def setup(objective: str, family: str):
@@ -135,18 +154,6 @@ def test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
     assert losses[-1] < losses[0], losses
 
 
-# One objective per backbone family, in the reference form of every op (what GPUs and TPUs run).
-REFERENCE_FORM_PAIRS = (("mae", "vit"), ("supervised", "resnet"), ("simclr", "convnext"))
-
-
-@pytest.mark.parametrize(
-    "objective, family", REFERENCE_FORM_PAIRS, ids=[f"{o}-{f}" for o, f in REFERENCE_FORM_PAIRS]
-)
-def test_reference_form_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
-    with ops.forms("reference"):
-        test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family)
-
-
 EIGHT_DEVICES = r"""
 import json, sys, jax, numpy as np, optax
 sys.path[:0] = ["tests", "tests/objectives"]
@@ -154,28 +161,30 @@ import test_shared as shared
 from selfsup.train import loop, monitors, step as step_lib
 from selfsup.parallel import sharding
 from selfsup.train import state as state_lib
+from selfsup import ops
 out = {}
-for objective, family in GROUP:
-    config = shared.smoke_configs().get(objective)
-    if config is None:
-        continue
-    model, views_fn, state, tx, batch = shared.setup(objective, family or config.backbone.name)
-    grads = {}
-    for name, shape, devices in [("one", {"data": 1, "fsdp": 1}, jax.devices()[:1]),
-                                 ("eight", {"data": 4, "fsdp": 2}, jax.devices())]:
-        mesh = sharding.make_mesh(shape, devices)
-        shardings = sharding.tree_shardings(state, mesh, [(".*", "fsdp")])
-        placed = jax.device_put(jax.tree.map(np.asarray, state), shardings)
-        b = jax.device_put(batch, sharding.batch_sharding(mesh))
-        loss, _, g, _ = jax.jit(step_lib.make_grad_fn(model, views_fn, seed=0))(placed, b)
-        grads[name] = (float(loss), {sharding.path_str(p): np.asarray(v)
-                                     for p, v in jax.tree_util.tree_leaves_with_path(g)})
-    (l1, g1), (l8, g8) = grads["one"], grads["eight"]
-    # Relative to each leaf's scale, floored at 1e-3 of the largest: a leaf whose exact gradient
-    # is zero (a bias right before a BatchNorm) holds float32 rounding noise only.
-    floor = 1e-3 * max(float(np.abs(g).max()) for g in g1.values())
-    err = max(float(np.abs(g1[k] - g8[k]).max() / max(np.abs(g1[k]).max(), floor)) for k in g1)
-    out[objective] = {"loss": [l1, l8], "grad_err": err}
+with ops.forms(FORM):  # traced in this form of every op
+    for objective, family in GROUP:
+        config = shared.smoke_configs().get(objective)
+        if config is None:
+            continue
+        model, views_fn, state, tx, batch = shared.setup(objective, family or config.backbone.name)
+        grads = {}
+        for name, shape, devices in [("one", {"data": 1, "fsdp": 1}, jax.devices()[:1]),
+                                     ("eight", {"data": 4, "fsdp": 2}, jax.devices())]:
+            mesh = sharding.make_mesh(shape, devices)
+            shardings = sharding.tree_shardings(state, mesh, [(".*", "fsdp")])
+            placed = jax.device_put(jax.tree.map(np.asarray, state), shardings)
+            b = jax.device_put(batch, sharding.batch_sharding(mesh))
+            loss, _, g, _ = jax.jit(step_lib.make_grad_fn(model, views_fn, seed=0))(placed, b)
+            grads[name] = (float(loss), {sharding.path_str(p): np.asarray(v)
+                                         for p, v in jax.tree_util.tree_leaves_with_path(g)})
+        (l1, g1), (l8, g8) = grads["one"], grads["eight"]
+        # Relative to each leaf's scale, floored at 1e-3 of the largest: a leaf whose exact gradient
+        # is zero (a bias right before a BatchNorm) holds float32 rounding noise only.
+        floor = 1e-3 * max(float(np.abs(g).max()) for g in g1.values())
+        err = max(float(np.abs(g1[k] - g8[k]).max() / max(np.abs(g1[k]).max(), floor)) for k in g1)
+        out[objective] = {"loss": [l1, l8], "grad_err": err}
 print(json.dumps(out))
 """
 
@@ -188,12 +197,42 @@ def has_own_eight_device_test(objective: str) -> bool:
     return path.exists() and "def test_eight_devices_give_the_loss" in path.read_text()
 
 
-# Found, not listed: every objective without its own test, then one objective per backbone family
-# in the reference form. (ops form, ((objective, family or None for its config's), ...)).
+# Found, not listed: every objective without its own test, on its first config's family.
+COMPARED_HERE = tuple(o for o in OBJECTIVES if not has_own_eight_device_test(o))
+
+
+def reference_form_pairs() -> tuple[tuple[str, str], ...]:
+    """One objective per backbone family, found not listed: the first (in name order) of those
+    compared here whose config trains that family."""
+    pairs = []
+    for family in FAMILIES:
+        found = [o for o in COMPARED_HERE if (o, family) in config_pairs()]
+        if found:
+            pairs.append((found[0], family))
+    return tuple(pairs)
+
+
+# In the reference form of every op (what GPUs and TPUs run): the one-device test of each pair
+# and the second eight-device group. (ops form, ((objective, family or None for its config's), ...))
+REFERENCE_FORM_PAIRS = reference_form_pairs()
 GROUPS = (
-    ("auto", tuple((o, None) for o in OBJECTIVES if not has_own_eight_device_test(o))),
+    ("auto", tuple((o, None) for o in COMPARED_HERE)),
     ("reference", REFERENCE_FORM_PAIRS),
 )
+
+
+@pytest.mark.parametrize(
+    "objective, family", REFERENCE_FORM_PAIRS, ids=[f"{o}-{f}" for o, f in REFERENCE_FORM_PAIRS]
+)
+def test_reference_form_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
+    with ops.forms("reference"):
+        test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family)
+
+
+EIGHT_DEVICE_CHECKS = {
+    f"shared_{form}": f"FORM, GROUP = {form!r}, {list(group)!r}\n" + EIGHT_DEVICES
+    for form, group in GROUPS
+}
 
 
 def test_every_objective_and_family_is_compared_on_eight_devices():
@@ -207,11 +246,8 @@ def test_every_objective_and_family_is_compared_on_eight_devices():
 @pytest.mark.parametrize(
     "form, group", GROUPS, ids=lambda g: g if isinstance(g, str) else "-".join(o for o, _ in g)
 )
-def test_eight_devices_equal_one_for_every_objective(form, group):
-    code = f"GROUP = {list(group)!r}\n" + EIGHT_DEVICES
-    out = json.loads(
-        run_python(code, devices=8, timeout=900, SELFSUP_OPS=form).strip().splitlines()[-1]
-    )
+def test_eight_devices_equal_one_for_every_objective(form, group, eight_devices):
+    out = json.loads(eight_devices(f"shared_{form}"))
     expected = {name for name, _ in group if name in smoke_configs()}
     assert set(out) == expected, (sorted(out), sorted(expected))
     for objective, result in out.items():

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, numeric_grad, run_python
+from conftest import REPO, numeric_grad
 
 from selfsup import augment, objectives, optim
 from selfsup import config as config_lib
@@ -187,7 +187,11 @@ def test_distill_loss_matches_the_official_code(t):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
     """A checkpoint of a tiny (untrained) ViT classifier, as a fine-tuning run writes one."""
-    workdir = tmp_path_factory.mktemp("teacher")
+    return write_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def write_teacher(workdir: Path) -> Path:
+    """Save the tiny teacher's checkpoint in `workdir` (the eight-device check does so too)."""
     model = objectives.build({"name": "supervised", "num_classes": 5}, VIT)
     x = jnp.zeros((2, 16, 16, 3))
     init = jax.jit(
@@ -238,7 +242,7 @@ def test_distill_targets_are_the_teachers_predictions(teacher_dir):
 EIGHT_DEVICES = r"""
 import json, jax, numpy as np, jax.numpy as jnp, optax
 from selfsup import objectives
-from selfsup.train import loop
+from selfsup.train import loop, step as step_lib
 from selfsup.parallel import sharding
 from selfsup.train import state as state_lib
 
@@ -286,9 +290,16 @@ def eight_device_cases(teacher: Path) -> dict:
     }
 
 
-def test_eight_devices_give_the_loss_gradients_and_bn_statistics_of_one(teacher_dir):
-    code = f"CASES = {eight_device_cases(teacher_dir)!r}\n" + EIGHT_DEVICES
-    out = json.loads(run_python(code, devices=8, timeout=900).strip().splitlines()[-1])
+EIGHT_DEVICE_CHECKS = {
+    "simclr_distill": "import sys\n"
+    "sys.path[:0] = ['tests', 'tests/objectives']\n"
+    "from test_simclr import eight_device_cases, write_teacher\n"
+    "CASES = eight_device_cases(write_teacher(TMP))\n" + EIGHT_DEVICES
+}
+
+
+def test_eight_devices_give_the_loss_gradients_and_bn_statistics_of_one(eight_devices):
+    out = json.loads(eight_devices("simclr_distill"))
     for name, result in out.items():
         one, eight = result["loss"]
         assert np.isfinite(one), name
