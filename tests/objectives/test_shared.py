@@ -68,23 +68,15 @@ def config_pairs() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def home_family(objective: str) -> str | None:
-    """The family that `objective`'s first config trains; None for one without a config."""
-    return next((f for o, f in config_pairs() if o == objective), None)
-
-
 def pairs():
-    """Every objective x family; the default tier trains each objective on its first config's
-    family, the slow tier on the others too."""
     for objective in OBJECTIVES:
-        home = home_family(objective)
         for family in FAMILIES:
-            slow = [] if family == home or home is None else [pytest.mark.slow]
-            yield pytest.param(objective, family, id=f"{objective}-{family}", marks=slow)
+            yield pytest.param(objective, family, id=f"{objective}-{family}")
 
 
-def setup(objective: str, family: str):
-    """(model, views_fn, state, batch) for a tiny run, or skip when there is nothing to pair."""
+def setup(objective: str, family: str, abstract: bool = False):
+    """(model, views_fn, state, batch) for a tiny run, or skip when there is nothing to pair;
+    `abstract`: state and batch as shapes only (nothing is compiled)."""
     config = smoke_configs().get(objective)
     if config is None:
         pytest.skip(f"objective '{objective}' has no config in configs/ to take settings from")
@@ -107,10 +99,19 @@ def setup(objective: str, family: str):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
     tx = optax.adam(1e-3)
     try:
-        state, _ = state_lib.create(model, tx, example, config.seed, mesh, ())
+        if abstract:
+            state = jax.eval_shape(state_lib.init_fn(model, tx, example, config.seed))
+        else:
+            state, _ = state_lib.create(model, tx, example, config.seed, mesh, ())
     except UserError as e:  # e.g. the objective's crops are smaller than the backbone accepts
         assert e.args[0].startswith(f"{family}:"), e
         pytest.skip(f"{family} cannot serve {objective}'s smoke views: {e}")
+    if abstract:
+        batch = {
+            "image": jax.ShapeDtypeStruct((BATCH, size, size, 3), jnp.uint8),
+            "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32),
+        }
+        return model, views_fn, state, tx, batch
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8)),
@@ -119,6 +120,28 @@ def setup(objective: str, family: str):
     return model, views_fn, state, tx, batch
 
 
+@pytest.mark.parametrize("objective, family", list(pairs()))
+def test_every_pair_builds_and_its_step_lowers(objective, family):
+    """The default tier's check of the whole grid: each pair builds (or fails with a UserError,
+    see `setup`) and its train step traces and lowers, with a scalar loss and a gradient for
+    every parameter. The slow tier trains every pair; the default tier one per family (the
+    reference-form pairs) and every objective on eight devices."""
+    model, views_fn, state, tx, batch = setup(objective, family, abstract=True)
+    grad_fn = step_lib.make_grad_fn(model, views_fn, seed=0)
+
+    def step(state, batch):
+        loss, _, grads, updates = grad_fn(state, batch)
+        deltas, _ = tx.update(grads, state.opt_state, state.params)
+        return loss, grads, optax.apply_updates(state.params, deltas)
+
+    lowered = jax.jit(step).lower(state, batch)
+    loss, grads, params = lowered.out_info
+    assert loss.shape == () and jnp.issubdtype(loss.dtype, jnp.floating)
+    assert jax.tree.structure(grads) == jax.tree.structure(state.params)
+    assert jax.tree.structure(params) == jax.tree.structure(state.params)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("objective, family", list(pairs()))
 def test_finite_loss_gradients_everywhere_and_the_loss_falls(objective, family):
     model, views_fn, state, tx, batch = setup(objective, family)

@@ -358,6 +358,7 @@ def smoke(name: str, steps: int, arg: str = "smoke") -> config_lib.mlc.ConfigDic
     return config_lib.resolve(config, {k: repr(v) for k, v in overrides.items()})
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_distill_smoke_config_resumes_with_the_teacher_frozen(tmp_path, teacher_dir):
     # The smoke variant trains its own teacher unless given one; the fixture's is faster here.
     name, arg = "simclr_distill_resnet_in1k.py", f"smoke,teacher={teacher_dir}"

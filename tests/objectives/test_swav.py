@@ -316,6 +316,7 @@ def test_eight_devices_give_the_loss_gradients_and_queue_of_one(eight_devices):
 # ---------------------------------------------------------------- smoke config through the loop
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_prototypes_stay_frozen_for_the_configured_steps_and_the_queue_fills(tmp_path):
     """The smoke run (prototypes frozen for 2 steps, queue from step 1) through the loop;
     test_train.py checks that its queue and parameters resume bit-exactly."""
