@@ -156,6 +156,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, every):
     assert all(np.isfinite(v).all() for v in _flatten(params).values())
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_cli_sigterm_saves_and_the_same_command_resumes(tmp_path):
     exe = shutil.which("selfsup")
     assert exe, "the `selfsup` console script is not installed"
