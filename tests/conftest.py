@@ -1,8 +1,10 @@
-"""Shared fixtures: paths, the shared CIFAR subset, and a tiny MAE config for loop tests."""
+"""Shared fixtures: paths, the shared CIFAR subset, the XLA compilation cache, and the one
+subprocess on 8 emulated devices that every eight-device check shares."""
 
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 import re
@@ -22,6 +24,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="selfsup-test-xla-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+# Cache every program, however small or quick to compile (jax's defaults skip those under 1 s).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -76,13 +81,15 @@ def cifar_npz() -> Path:
     return path
 
 
-def run_python(code: str, *, devices: int = 1, timeout: int = 300, **env) -> str:
+def run_python(
+    code: str, *, devices: int = 1, timeout: int = 300, argv: list[str] = (), **env
+) -> str:
     """Run `code` in a fresh interpreter with `devices` emulated CPU devices; return stdout."""
     full_env = {**os.environ, **env}
     full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     full_env.setdefault("JAX_PLATFORMS", "cpu")
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *argv],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -104,9 +111,78 @@ def ops_form(request):
         yield request.param
 
 
+# ------------------------------------------------------------------ the eight-device checks
+#
+# A test module lists its scripts in `EIGHT_DEVICE_CHECKS = {name: code}`; each script prints
+# its result as one JSON line last. The tests that use the `eight_devices` fixture read their
+# check's result with `eight_devices(name)` and assert on it. One fresh interpreter with 8
+# emulated CPU devices runs every listed check of the selected tests, one after the other (the
+# interpreter and jax start once), each in its own namespace with `TMP`, an empty folder of its
+# own. pytest-xdist keeps these tests on one worker (`--dist loadgroup` in pyproject) and starts
+# them first, so the subprocess runs beside the rest of the suite.
+
+EIGHT_DEVICE_GROUP = "eight_devices"
+
+_RUNNER = r"""
+import contextlib, io, json, os, sys, time, traceback
+sys.path[:0] = ["tests"]  # the test modules import conftest
+checks = json.load(open(sys.argv[1]))
+results = {}
+for name, check in checks.items():
+    start = time.perf_counter()
+    out = io.StringIO()
+    namespace = {"__name__": "__main__", "TMP": check["tmp"]}
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(check["code"], f"<eight-device check {name}>", "exec"), namespace)
+        lines = out.getvalue().strip().splitlines()
+        results[name] = {"stdout": lines[-1] if lines else ""}
+    except BaseException:
+        results[name] = {"error": traceback.format_exc()[-4000:]}
+    results[name]["seconds"] = round(time.perf_counter() - start, 1)
+    outcome = "FAILED" if "error" in results[name] else "ok"
+    print(f"eight-device check {name}: {outcome} in {time.perf_counter() - start:.0f} s",
+          file=sys.stderr, flush=True)
+print("EIGHT-DEVICE-RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="session")
+def eight_devices(request, tmp_path_factory):
+    """`eight_devices(name)` -> the last stdout line of check `name`, run with the others."""
+    checks = {}
+    for item in request.session.items:
+        if "eight_devices" in getattr(item, "fixturenames", ()):
+            checks.update(getattr(item.module, "EIGHT_DEVICE_CHECKS", {}))
+    root = tmp_path_factory.mktemp("eight_devices")
+    spec = {}
+    for name, code in checks.items():
+        tmp = root / re.sub(r"\W", "_", name)
+        tmp.mkdir()
+        spec[name] = {"code": code, "tmp": str(tmp)}
+    (root / "checks.json").write_text(json.dumps(spec))
+    stdout = run_python(_RUNNER, devices=8, timeout=1800, argv=[str(root / "checks.json")])
+    line = [s for s in stdout.splitlines() if s.startswith("EIGHT-DEVICE-RESULTS ")][-1]
+    results = json.loads(line.split(" ", 1)[1])
+    (root / "seconds.json").write_text(json.dumps({k: v["seconds"] for k, v in results.items()}))
+
+    def result(name: str) -> str:
+        assert name in results, f"no eight-device check {name!r} (listed: {sorted(results)})"
+        assert "error" not in results[name], f"check {name!r} failed:\n{results[name]['error']}"
+        return results[name]["stdout"]
+
+    return result
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Mark the numerics tests (`-m numerics`, run on a GPU by benchmarks/gpu.py): every op
-    test, and every test compared with a NumPy float64 reference."""
+    test, and every test compared with a NumPy float64 reference. Put the tests that share the
+    eight-device subprocess in one xdist group, first."""
     for item in items:
         if item.path.parent.name == "ops" or re.search(r"numpy|float64", item.name):
             item.add_marker(pytest.mark.numerics)
+    shared = [item for item in items if "eight_devices" in getattr(item, "fixturenames", ())]
+    for item in shared:
+        item.add_marker(pytest.mark.xdist_group(EIGHT_DEVICE_GROUP))
+    items[:] = shared + [item for item in items if item not in shared]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import numpy_gelu, numpy_layer_norm, run_python
+from conftest import numpy_gelu, numpy_layer_norm
 
 from selfsup import backbones
 from selfsup.backbones import Features, Mask, convnext
@@ -364,8 +364,10 @@ print(json.dumps({
 }))
 """
 
+EIGHT_DEVICE_CHECKS = {"convnext_sharded": SHARDED}
 
-def test_eight_devices_match_one():
-    out = json.loads(run_python(SHARDED, devices=8).strip().splitlines()[-1])
+
+def test_eight_devices_match_one(eight_devices):
+    out = json.loads(eight_devices("convnext_sharded"))
     assert out["sharded"] > 10 and 0 < out["masked"] < 32, out  # FSDP on, mask non-trivial
     assert out["out_err"] < 1e-5, out

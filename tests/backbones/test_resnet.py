@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO
 
 from selfsup.backbones import Mask, resnet
 from selfsup.errors import UserError
@@ -481,8 +481,10 @@ err = max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(one, eigh
 print(json.dumps({"err": err, "leaves": len(one), "devices": len(jax.devices())}))
 """
 
+EIGHT_DEVICE_CHECKS = {"resnet_batchnorm": EIGHT_DEVICES}
 
-def test_batchnorm_statistics_are_global_over_eight_devices():
-    out = json.loads(run_python(EIGHT_DEVICES, devices=8).strip().splitlines()[-1])
+
+def test_batchnorm_statistics_are_global_over_eight_devices(eight_devices):
+    out = json.loads(eight_devices("resnet_batchnorm"))
     assert out["devices"] == 8 and out["leaves"] == 2 + 2 * 20  # pooled, map, 20 BN x 2 stats
     assert out["err"] < 1e-4, out

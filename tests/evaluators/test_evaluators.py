@@ -4,12 +4,13 @@ attentive probe's pooling against NumPy float64 references, and sharded feature 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO
 
 from selfsup import config as config_lib
 from selfsup import evaluators
@@ -349,6 +350,11 @@ print(json.dumps({"x": x.tolist(), "y": y.tolist(), "tok": tok.tolist(), "res": 
 @pytest.fixture(scope="module")
 def colour_npz(tmp_path_factory):
     """50 train / 30 test 8x8 images whose class (of 3) is the dominant colour channel."""
+    return write_colour_npz(tmp_path_factory.mktemp("colour"))
+
+
+def write_colour_npz(folder) -> tuple[Path, dict]:
+    """(folder/colour.npz, its arrays); the eight-device check writes its own copy."""
     rng = np.random.default_rng(11)
     arrays = {}
     for split, n in (("train", 50), ("test", 30)):
@@ -356,25 +362,28 @@ def colour_npz(tmp_path_factory):
         images = rng.integers(0, 90, (n, 8, 8, 3))
         images[np.arange(n), :, :, labels] += 150
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images.astype(np.uint8), labels
-    path = tmp_path_factory.mktemp("colour") / "colour.npz"
+    path = Path(folder) / "colour.npz"
     np.savez(path, **arrays)
     return path, arrays
 
 
-def test_extraction_is_sharded_like_training_and_equals_numpy(colour_npz):
-    path, arrays = colour_npz
-    # 8 devices, batch 16 split over data x fsdp = 4 x 2; 50 rows: the last batch is padded.
-    out = json.loads(_run_extract(path, fsdp=2))
+# 8 devices, batch 16 split over data x fsdp = 4 x 2; 50 rows: the last batch is padded.
+EIGHT_DEVICE_CHECKS = {
+    "evaluator_extraction": "import sys\n"
+    "sys.path[:0] = ['tests', 'tests/evaluators']\n"
+    "from test_evaluators import write_colour_npz\n"
+    "PATH, FSDP = str(write_colour_npz(TMP)[0]), 2\n" + EXTRACT
+}
+
+
+def test_extraction_is_sharded_like_training_and_equals_numpy(colour_npz, eight_devices):
+    _, arrays = colour_npz
+    out = json.loads(eight_devices("evaluator_extraction"))
     images = arrays["train_images"].astype(np.float64) / 255
     np.testing.assert_allclose(out["x"], images.mean((1, 2)) * 2, rtol=1e-5)
     np.testing.assert_array_equal(out["y"], arrays["train_labels"])
     np.testing.assert_allclose(np.asarray(out["tok"])[:, 3], images[:, -1, -1], rtol=1e-6)
     assert out["res"]["top1"] == 1.0  # the class is the dominant channel: linearly separable
-
-
-def _run_extract(path, fsdp: int) -> str:
-    code = EXTRACT.replace("FSDP", str(fsdp)).replace("PATH", repr(str(path)))
-    return run_python(code, devices=8).strip().splitlines()[-1]
 
 
 def test_run_all_prefixes_names_and_honours_every_steps(colour_npz):

@@ -124,11 +124,13 @@ def test_a_bad_evaluator_config_fails_before_training(tmp_path, bad, message):
         quickstart(evaluators=dict(run=("knn",)))
 
 
+@pytest.mark.slow
 def test_evaluators_on_an_fsdp_sharded_state_match_one_device(tmp_path):
     # Parameters sharded over 4 of 8 emulated devices, the batch over the other axis.
     out = run_python(
         "import json\n"
-        "from selfsup import train, config as C\n"
+        "from selfsup import config as C\n"
+        "from selfsup.train import loop\n"
         "cfg = C.load('configs/quickstart.py:smoke')\n"
         f"cfg.evaluators = dict(at_end=True, run=({KNN!r},))\n"
         "cfg = C.resolve(cfg, {'total_steps': '2', 'mesh.data': '2', 'mesh.fsdp': '4'})\n"

@@ -221,6 +221,7 @@ def test_export_needs_batch_stats():
         resnet_export.export_torch(model, {"params": variables["params"]})
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_export_from_a_smoke_training_checkpoint(tc, tmp_path):
     from selfsup import config as config_lib
     from selfsup import export

@@ -351,7 +351,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from selfsup.io import checkpoint
 
 assert jax.device_count() == 8, jax.devices()
-workdir = sys.argv[1]
+workdir = TMP
 
 def mesh(shape):
     n = shape[0] * shape[1]
@@ -391,16 +391,11 @@ print("OK")
 """
 
 
-def test_restore_onto_other_meshes(tmp_path):
-    env = {**_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run(
-        [sys.executable, "-c", _MESH_SCRIPT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+EIGHT_DEVICE_CHECKS = {"checkpoint_meshes": _MESH_SCRIPT}
+
+
+def test_restore_onto_other_meshes(eight_devices):
+    assert eight_devices("checkpoint_meshes") == "OK"
 
 
 # ----------------------------------------------------------------------------- integrity

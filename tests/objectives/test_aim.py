@@ -310,6 +310,7 @@ def logged(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_smoke_config_trains_resumes_and_writes_images(tmp_path):
     # Randomness comes from the loop's named streams only, so a resumed run is the same run
     # (test_train checks that equality for the loop).

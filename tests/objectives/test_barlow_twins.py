@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, numeric_grad, run_python
+from conftest import REPO, numeric_grad
 
 from selfsup import augment, objectives, optim
 from selfsup import config as config_lib
@@ -167,11 +167,14 @@ print(json.dumps({"loss": [l1, l8], "grad_err": rel(g1, g8), "state_err": rel(u1
                   "state_leaves": len(u1)}))
 """
 
+_OBJECTIVE = {"name": "barlow_twins", "projector": (32, 32, 32)}
+EIGHT_DEVICE_CHECKS = {
+    "barlow_twins": f"OBJECTIVE, BACKBONE = {_OBJECTIVE!r}, {VIT!r}\n" + EIGHT_DEVICES
+}
 
-def test_eight_devices_give_the_loss_gradients_and_bn_statistics_of_one():
-    objective = {"name": "barlow_twins", "projector": (32, 32, 32)}
-    code = f"OBJECTIVE, BACKBONE = {objective!r}, {VIT!r}\n" + EIGHT_DEVICES
-    out = json.loads(run_python(code, devices=8, timeout=900).strip().splitlines()[-1])
+
+def test_eight_devices_give_the_loss_gradients_and_bn_statistics_of_one(eight_devices):
+    out = json.loads(eight_devices("barlow_twins"))
     one, eight = out["loss"]
     assert np.isfinite(one) and out["grad_norm"] > 0
     np.testing.assert_allclose(eight, one, rtol=1e-5)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO
 
 from selfsup import config as config_lib
 from selfsup import objectives
@@ -118,11 +118,15 @@ print(json.dumps({"loss": [l1, l8], "grad_err": rel(g1, g8), "state_err": state_
                   "grad_norm": float(np.sqrt(sum((g ** 2).sum() for g in g1.values())))}))
 """
 
+_VIEWS = list(config_lib.load(str(REPO / "configs/rotation_resnet_in1k.py:smoke")).views)
+EIGHT_DEVICE_CHECKS = {
+    "rotation": f"OBJECTIVE, BACKBONE, VIEWS = {{'name': 'rotation'}}, {VIT!r}, {_VIEWS!r}\n"
+    + EIGHT_DEVICES
+}
 
-def test_eight_devices_give_the_loss_and_gradients_of_one():
-    views = list(config_lib.load(str(REPO / "configs/rotation_resnet_in1k.py:smoke")).views)
-    code = f"OBJECTIVE, BACKBONE, VIEWS = {{'name': 'rotation'}}, {VIT!r}, {views!r}\n"
-    out = json.loads(run_python(code + EIGHT_DEVICES, devices=8, timeout=900).splitlines()[-1])
+
+def test_eight_devices_give_the_loss_and_gradients_of_one(eight_devices):
+    out = json.loads(eight_devices("rotation"))
     one, eight = out["loss"]
     assert np.isfinite(one) and out["grad_norm"] > 0
     np.testing.assert_allclose(eight, one, rtol=1e-5)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, numeric_grad, run_python
+from conftest import REPO, numeric_grad
 
 from selfsup import augment, objectives, optim
 from selfsup import config as config_lib
@@ -188,7 +188,11 @@ def test_distill_loss_matches_the_official_code(t):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
     """A checkpoint of a tiny (untrained) ViT classifier, as a fine-tuning run writes one."""
-    workdir = tmp_path_factory.mktemp("teacher")
+    return write_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def write_teacher(workdir: Path) -> Path:
+    """Save the tiny teacher's checkpoint in `workdir` (the eight-device check does so too)."""
     model = objectives.build({"name": "supervised", "num_classes": 5}, VIT)
     x = jnp.zeros((2, 16, 16, 3))
     init = jax.jit(
@@ -294,9 +298,16 @@ def eight_device_cases(teacher: Path) -> dict:
     }
 
 
-def test_eight_devices_give_the_loss_gradients_and_bn_statistics_of_one(teacher_dir):
-    code = f"CASES = {eight_device_cases(teacher_dir)!r}\n" + EIGHT_DEVICES
-    out = json.loads(run_python(code, devices=8, timeout=900).strip().splitlines()[-1])
+EIGHT_DEVICE_CHECKS = {
+    "simclr_distill": "import sys\n"
+    "sys.path[:0] = ['tests', 'tests/objectives']\n"
+    "from test_simclr import eight_device_cases, write_teacher\n"
+    "CASES = eight_device_cases(write_teacher(TMP))\n" + EIGHT_DEVICES
+}
+
+
+def test_eight_devices_give_the_loss_gradients_and_bn_statistics_of_one(eight_devices):
+    out = json.loads(eight_devices("simclr_distill"))
     for name, result in out.items():
         one, eight = result["loss"]
         assert np.isfinite(one), name
@@ -355,6 +366,7 @@ def smoke(name: str, steps: int, arg: str = "smoke") -> config_lib.mlc.ConfigDic
     return config_lib.resolve(config, {k: repr(v) for k, v in overrides.items()})
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_distill_smoke_config_resumes_with_the_teacher_frozen(tmp_path, teacher_dir):
     # The smoke variant trains its own teacher unless given one; the fixture's is faster here.
     name, arg = "simclr_distill_resnet_in1k.py", f"smoke,teacher={teacher_dir}"

@@ -358,6 +358,7 @@ def test_init_follows_the_official_code(variables):
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_smoke_config_trains_and_writes_images(tmp_path):
     path = REPO / "configs" / "spark_convnext_in1k.py"
     config = config_lib.resolve(config_lib.load(f"{path}:smoke"), {"num_images": "2"})

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO
 
 from selfsup import config as config_lib
 from selfsup import objectives, optim
@@ -290,19 +290,22 @@ print(json.dumps({"loss": [l1, l8], "grad_err": rel(g1, g8), "state_err": rel(u1
                   "state_keys": sorted(u1)}))
 """
 
+_VIEWS = list(config_lib.load(str(REPO / "configs/swav_resnet_in1k.py:smoke")).views)
+_OBJECTIVE = {
+    "name": "swav",
+    "num_views": 4,
+    "num_prototypes": 12,
+    "proj_hidden": 32,
+    "proj_dim": 8,
+    "queue_length": 16,
+}
+EIGHT_DEVICE_CHECKS = {
+    "swav": f"OBJECTIVE, BACKBONE, VIEWS = {_OBJECTIVE!r}, {VIT!r}, {_VIEWS!r}\n" + EIGHT_DEVICES
+}
 
-def test_eight_devices_give_the_loss_gradients_and_queue_of_one():
-    views = list(config_lib.load(str(REPO / "configs/swav_resnet_in1k.py:smoke")).views)
-    objective = {
-        "name": "swav",
-        "num_views": 4,
-        "num_prototypes": 12,
-        "proj_hidden": 32,
-        "proj_dim": 8,
-        "queue_length": 16,
-    }
-    code = f"OBJECTIVE, BACKBONE, VIEWS = {objective!r}, {VIT!r}, {views!r}\n" + EIGHT_DEVICES
-    out = json.loads(run_python(code, devices=8, timeout=900).strip().splitlines()[-1])
+
+def test_eight_devices_give_the_loss_gradients_and_queue_of_one(eight_devices):
+    out = json.loads(eight_devices("swav"))
     one, eight = out["loss"]
     assert np.isfinite(one) and out["queue_used"] == [1.0, 1.0] and out["proto_grad"] > 0
     np.testing.assert_allclose(eight, one, rtol=1e-5)
@@ -314,6 +317,7 @@ def test_eight_devices_give_the_loss_gradients_and_queue_of_one():
 # ---------------------------------------------------------------- smoke config through the loop
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_prototypes_stay_frozen_for_the_configured_steps_and_the_queue_fills(tmp_path):
     """The smoke run (prototypes frozen for 2 steps, queue from step 1) through the loop;
     test_train.py checks that its queue and parameters resume bit-exactly."""

@@ -215,6 +215,7 @@ def two_processes(runs) -> tuple[Path, subprocess.CompletedProcess]:
     return runs[1], runs[2]
 
 
+@pytest.mark.slow  # two training processes, then a resume on 8 devices
 def test_two_processes_train_exactly_like_one_process(reference, two_processes):
     workdir, proc = two_processes
     lines = proc.stdout.splitlines()
@@ -233,6 +234,7 @@ def test_two_processes_train_exactly_like_one_process(reference, two_processes):
     _assert_params_close(workdir, reference, step=3, atol=1e-6)
 
 
+@pytest.mark.slow  # two training processes, then a resume on 8 devices
 def test_a_signal_to_one_process_stops_all_at_the_same_step(two_processes):
     workdir, proc = two_processes
     assert proc.returncode == 128 + 15, proc.stdout[-3000:]
@@ -300,17 +302,18 @@ print(json.dumps(report))
 
 
 @pytest.fixture(scope="module")
-def eight_devices(two_processes, tmp_path_factory) -> tuple[Path, dict]:
+def resumed_on_eight_devices(two_processes, tmp_path_factory) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("eight_devices") / "run"
     shutil.copytree(two_processes[0], workdir)
     code = RESUME_ON_EIGHT_DEVICES.replace("sys.argv[1]", repr(str(workdir)))
     return workdir, json.loads(run_python(code, devices=8).strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two training processes, then a resume on 8 devices
 def test_checkpoint_of_two_processes_restores_in_one_process_on_another_mesh(
-    reference, eight_devices
+    reference, resumed_on_eight_devices
 ):
-    workdir, report = eight_devices
+    workdir, report = resumed_on_eight_devices
     assert report["step"] == 3
     assert report["differ"] == []  # bit-identical to the files
     assert report["devices"] == [8]
@@ -320,8 +323,11 @@ def test_checkpoint_of_two_processes_restores_in_one_process_on_another_mesh(
     np.testing.assert_allclose(resumed[4], ref[4], rtol=1e-5)
 
 
-def test_fsdp_on_eight_devices_shards_memory_and_steps_like_unsharded(reference, eight_devices):
-    workdir, report = eight_devices
+@pytest.mark.slow  # two training processes, then a resume on 8 devices
+def test_fsdp_on_eight_devices_shards_memory_and_steps_like_unsharded(
+    reference, resumed_on_eight_devices
+):
+    workdir, report = resumed_on_eight_devices
     # Parameters and their Adam moments are split over the fsdp axis.
     sharded = [k for k, spec in report["specs"].items() if "fsdp" in spec]
     for name in (

@@ -5,7 +5,6 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import run_python
 from jax.sharding import PartitionSpec as P
 
 from selfsup.errors import UserError
@@ -85,9 +84,11 @@ print(json.dumps({
 }))
 """
 
+EIGHT_DEVICE_CHECKS = {"sharding_fsdp_step": EIGHT_DEVICES}
 
-def test_eight_devices_give_the_same_loss_gradients_and_step_as_one():
-    out = json.loads(run_python(EIGHT_DEVICES, devices=8).strip().splitlines()[-1])
+
+def test_eight_devices_give_the_same_loss_gradients_and_step_as_one(eight_devices):
+    out = json.loads(eight_devices("sharding_fsdp_step"))
     one, eight = out["loss"]
     assert np.isfinite(one)
     np.testing.assert_allclose(eight, one, rtol=1e-5)

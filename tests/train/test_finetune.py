@@ -253,6 +253,7 @@ def test_init_from_a_missing_workdir_is_an_error(tmp_path):
         loop.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_a_resumed_finetune_continues_its_own_run(pretrained, tmp_path):
     def losses(workdir):
         lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -415,6 +416,7 @@ def tensorboard_tags(folder: Path) -> set[str]:
     return tags
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_finetune_reports_its_classifiers_test_top1(pretrained, tmp_path, capsys):
     """`selfsup train` of the fine-tuning config: the head's test top-1 at the end (and every N
     steps when asked) in metrics.jsonl, TensorBoard and the last line, equal to the saved

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import REPO, run_python
 
@@ -27,6 +28,14 @@ from selfsup.train import state as state_lib
 from selfsup.train import step as step_lib
 
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py"))
+# The default tier resumes one config per kind of state (test_one_config_per_kind_of_state checks
+# that each has it); the slow tier resumes every config.
+RESUME_KINDS = {
+    "quickstart.py": "plain",
+    "simclr_resnet_in1k.py": "batch_stats",
+    "swav_resnet_in1k.py": "queue",
+    "simclr_distill_resnet_in1k.py": "teacher",
+}
 
 
 def smoke(name: str = "quickstart.py", **overrides) -> config_lib.mlc.ConfigDict:
@@ -41,7 +50,9 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n in RESUME_KINDS else pytest.mark.slow) for n in CONFIGS]
+)
 def test_every_config_smoke_trains_and_resumes_exactly(name, tmp_path):
     """Train the smoke run with a checkpoint every step, drop the last checkpoint as a crash
     would, and run the same command again: the last step is redone with the same loss, and the
@@ -67,6 +78,30 @@ def test_every_config_smoke_trains_and_resumes_exactly(name, tmp_path):
         for key in path:
             other = other[key.key]
         np.testing.assert_array_equal(value, other, err_msg=jax.tree_util.keystr(path))
+
+
+def test_one_config_per_kind_of_state():
+    """The default tier's resumed configs hold the state their kind names (built abstractly)."""
+    assert set(RESUME_KINDS) <= set(CONFIGS)
+    for name, kind in RESUME_KINDS.items():
+        config = smoke(name)
+        model = step_lib.build_model(config, num_classes=10)
+        size = config.data.image_size
+        views = jax.eval_shape(
+            augment.build(config.views),
+            jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8),
+            jax.random.key(0),
+        )
+        views = tuple(jnp.zeros(v.shape, v.dtype) for v in views)
+        state = jax.eval_shape(state_lib.init_fn(model, optax.identity(), views, config.seed))
+        collections = set(state.model_state)
+        if kind == "plain":
+            assert collections == set(), (name, collections)
+        elif kind == "batch_stats":
+            assert collections == {"batch_stats"}, (name, collections)
+        else:  # SwAV's queue, distillation's frozen teacher (beside the ResNet's statistics)
+            assert kind in collections, (name, collections)
+        assert (config.objective.name == "distill") == (kind == "teacher"), name
 
 
 def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
@@ -121,6 +156,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, every):
     assert all(np.isfinite(v).all() for v in _flatten(params).values())
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_cli_sigterm_saves_and_the_same_command_resumes(tmp_path):
     exe = shutil.which("selfsup")
     assert exe, "the `selfsup` console script is not installed"
@@ -210,6 +246,7 @@ def test_the_step_updates_donated_parameters_without_copying_them_first():
     assert parameter_copies(xla_cpu_copy_insertion_use_region_analysis=False) > 0
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     f32 = loop.train_and_evaluate(smoke(total_steps=2), str(tmp_path / "f32"))
     bf16 = loop.train_and_evaluate(
@@ -221,11 +258,13 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     assert {v.dtype for v in _flatten(params).values()} == {np.dtype(np.float32)}
 
 
+@pytest.mark.slow
 def test_resume_on_another_mesh_continues_the_same_run(tmp_path):
     reference = loop.train_and_evaluate(smoke(total_steps=4), str(tmp_path / "one"))
     loop.train_and_evaluate(smoke(total_steps=2), str(tmp_path / "moved"))
     run_python(
-        "from selfsup import train, config as C\n"
+        "from selfsup import config as C\n"
+        "from selfsup.train import loop\n"
         "cfg = C.resolve(C.load('configs/quickstart.py:smoke'),\n"
         "                {'total_steps': '4', 'mesh.data': '2', 'mesh.fsdp': '4'})\n"
         f"loop.train_and_evaluate(cfg, {str(tmp_path / 'moved')!r})\n",

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO
 
 from selfsup import backbones, evaluators, ops
 from selfsup import config as config_lib
@@ -115,9 +115,11 @@ print(json.dumps({
 }))
 """
 
+EIGHT_DEVICE_CHECKS = {"lower_sharded_step": EIGHT_DEVICE_LOWERING}
 
-def test_the_eight_device_sharded_step_lowers_for_tpu_and_cuda():
-    out = json.loads(run_python(EIGHT_DEVICE_LOWERING, devices=8).strip().splitlines()[-1])
+
+def test_the_eight_device_sharded_step_lowers_for_tpu_and_cuda(eight_devices):
+    out = json.loads(eight_devices("lower_sharded_step"))
     assert out == {"mesh": {"data": 4, "fsdp": 2}, "cpu_forms": False, "sharded": True}
 
 
