@@ -186,3 +186,15 @@ def pytest_collection_modifyitems(config, items):
     for item in shared:
         item.add_marker(pytest.mark.xdist_group(EIGHT_DEVICE_GROUP))
     items[:] = shared + [item for item in items if item not in shared]
+
+
+@pytest.fixture(scope="module")
+def tc():
+    """torch, torchvision and timm (skips the test without the test extra), on one thread: the
+    models here are tiny, and idle worker threads only spin."""
+    import torch_compat
+
+    threads = torch_compat.torch.get_num_threads()
+    torch_compat.torch.set_num_threads(1)
+    yield torch_compat
+    torch_compat.torch.set_num_threads(threads)

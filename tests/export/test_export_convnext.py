@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from convnext_params import random_params
 
 from selfsup import backbones
 from selfsup import config as config_lib
@@ -20,21 +21,6 @@ from selfsup.train import loop
 
 B, IMG = 2, 64
 SMALL = dict(variant="tiny", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
-
-
-def random_params(model, seed=0):
-    """Random host parameters with `model`'s tree: kernels normal(0.02), and biases, norm
-    scales and layer scales moved well away from their init (0, 1, 1e-6) so each one matters."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        noise = rng.normal(size=leaf.shape)
-        value = {"kernel": 0.02 * noise, "bias": 0.1 * noise, "scale": 1.0 + 0.3 * noise}
-        return value.get(name, 0.5 * noise).astype(np.float32)  # gamma: N(0, 0.5^2)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def images(seed=0, b=B, size=IMG):

@@ -1,0 +1,22 @@
+"""Random ConvNeXt parameters for the backbone and export tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_params(model, seed=0):
+    """Random host parameters with `model`'s tree: kernels normal(0.02), and biases, norm
+    scales and layer scales moved well away from their init (0, 1, 1e-6) so each one matters."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        noise = rng.normal(size=leaf.shape)
+        value = {"kernel": 0.02 * noise, "bias": 0.1 * noise, "scale": 1.0 + 0.3 * noise}
+        return value.get(name, 0.5 * noise).astype(np.float32)  # gamma: N(0, 0.5^2)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
