@@ -1,10 +1,13 @@
-"""Random ConvNeXt parameters for the backbone and export tests."""
+"""A small ConvNeXt, random parameters and images for the backbone and export tests."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+B, IMG = 2, 64  # 64 px: a 2x2 grid of stride-32 cells, so masks have kept and masked cells
+SMALL = dict(variant="tiny", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
 
 
 def random_params(model, seed=0):
@@ -20,3 +23,12 @@ def random_params(model, seed=0):
         return value.get(name, 0.5 * noise).astype(np.float32)  # gamma: N(0, 0.5^2)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def images(seed=0, b=B, size=IMG):
+    return np.asarray(jax.random.normal(jax.random.key(seed), (b, size, size, 3)))
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())

@@ -10,14 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import numpy_gelu, numpy_layer_norm
-from convnext_params import random_params
+from convnext_params import IMG, SMALL, B, images, random_params, rel_err
 
 from selfsup import backbones
 from selfsup.backbones import Features, Mask, convnext
 from selfsup.errors import UserError
 
-B, IMG = 2, 64  # 64 px: a 2x2 grid of stride-32 cells, so masks have kept and masked cells
-SMALL = dict(variant="tiny", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
 # Two masked cells per image: [[masked, kept], [kept, masked]] and [[kept, masked], [kept, kept]].
 MASKED = np.array([[[1, 0], [0, 1]], [[0, 1], [0, 0]]], bool)
 
@@ -93,10 +91,6 @@ def f64(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-def images(seed=0, b=B, size=IMG):
-    return np.asarray(jax.random.normal(jax.random.key(seed), (b, size, size, 3)))
-
-
 _JITTED = {}
 
 
@@ -112,11 +106,6 @@ def forward(model, params, x, mask=None, *, train=False, rngs=None):
         _JITTED[key] = jax.jit(apply)
     value = None if mask is None else jnp.asarray(mask)
     return _JITTED[key](params, jnp.asarray(x), value, rngs)
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
-from convnext_params import random_params
+from convnext_params import SMALL, images, random_params, rel_err
 
 from selfsup import backbones
 from selfsup import config as config_lib
@@ -19,21 +19,9 @@ from selfsup.export import convnext as convnext_export
 from selfsup.io import checkpoint
 from selfsup.train import loop
 
-B, IMG = 2, 64
-SMALL = dict(variant="tiny", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
-
-
-def images(seed=0, b=B, size=IMG):
-    return np.asarray(jax.random.normal(jax.random.key(seed), (b, size, size, 3)))
-
 
 def forward(model, params, x):
     return jax.jit(model.apply)({"params": params}, jnp.asarray(x))
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.fixture(scope="module")
