@@ -1,4 +1,4 @@
-"""Random ResNet variables for the backbone and export tests."""
+"""Random ResNet variables and images, and parameter counts, for the backbone and export tests."""
 
 from __future__ import annotations
 
@@ -40,3 +40,17 @@ def randomize(shapes: dict, seed: int = 0) -> dict:
         return rng.normal(0.0, 0.3, s.shape).astype(np.float32)  # bias, mean
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def images(size: int, batch: int = 2, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def count(variant: str) -> int:
+    params = abstract_variables(variant)["params"]
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
-from resnet_params import abstract_variables, randomize
+from resnet_params import abstract_variables, count, images, randomize, rel_err
 
 from selfsup.backbones import Mask, resnet
 from selfsup.errors import UserError
@@ -23,15 +23,6 @@ EPS = 1e-5
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def images(size: int, batch: int = 2, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def leaves(tree) -> dict[str, np.ndarray]:
@@ -58,11 +49,6 @@ def test_parse_variant():
     assert resnet.Model(variant="18").mask_modes == ("sparse",)
     assert resnet.Model(variant="50x2-sk").embed_dim == 4096
     assert resnet.Model(variant="34x3").embed_dim == 1536
-
-
-def count(variant: str) -> int:
-    params = abstract_variables(variant)["params"]
-    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize("depth", [18, 50, 200])

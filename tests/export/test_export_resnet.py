@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO
-from resnet_params import abstract_variables, randomize
+from resnet_params import abstract_variables, count, images, randomize, rel_err
 
 from selfsup.backbones import Features, resnet
 from selfsup.errors import UserError
@@ -22,24 +22,10 @@ def random_variables(variant: str) -> dict:
     return randomize(abstract_variables(variant))
 
 
-def images(size: int, batch: int = 2, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
-
-
 @functools.cache
 def jitted(variant: str):
     """One compiled (eval-mode) forward per variant, shared by the tests."""
     return jax.jit(resnet.Model(variant=variant).apply)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def count(variant: str) -> int:
-    params = abstract_variables(variant)["params"]
-    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
 
 
 def torch_features(tc, spec, module, x_nhwc):
