@@ -67,3 +67,52 @@ def test_readme_layout_and_the_package_tell_the_same_story():
     named = set(re.findall(r"\b([a-z_]+\.py)\b", layout))
     existing = {p.name for p in package.rglob("*.py")}
     assert named <= existing, f"the layout names files that do not exist: {named - existing}"
+
+
+_SNAPSHOT = """
+import logging, os, signal, sys, warnings
+import jax, numpy as np, optax, orbax.checkpoint, flax  # their own set-up is not ours
+try:
+    import torch  # export/resnet_torch.py needs it
+except ImportError:
+    pass
+
+def snapshot():
+    loggers = [logging.getLogger()] + [
+        v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)
+    ]
+    return {
+        "hooks": (sys.unraisablehook, sys.excepthook, sys.displayhook),
+        "signals": [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)],
+        "loggers": {  # a module's new logger of its own is not a change
+            l.name: (l.level, list(l.filters), list(l.handlers), l.propagate, l.disabled)
+            for l in loggers
+            if not l.name.startswith("selfsup")
+        },
+        "warnings": list(warnings.filters),
+        "environ": dict(os.environ),
+        "numpy": np.geterr(),
+        "jax": {k: str(v) for k, v in jax.config.values.items()},
+    }
+
+before = snapshot()
+import pkgutil, importlib, selfsup
+for m in pkgutil.walk_packages(selfsup.__path__, "selfsup."):
+    if not m.name.endswith("__main__"):
+        importlib.import_module(m.name)
+after = snapshot()
+print(sorted(k for k in before if before[k] != after[k]))
+"""
+
+
+def test_importing_every_module_changes_nothing_global():
+    """Hooks, signal handlers, other packages' loggers, warning filters, the environment,
+    NumPy's and JAX's settings: as they were before every `selfsup.*` module was imported (jax,
+    torch and friends imported first: their own set-up is not ours)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _SNAPSHOT], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

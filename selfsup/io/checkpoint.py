@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import orbax.checkpoint as ocp
 
 from selfsup import pytree
 from selfsup.errors import UserError
-from selfsup.io import checksums, paths
+from selfsup.io import abandoned_reads, checksums, paths
 
 PyTree = Any
 
@@ -99,35 +98,6 @@ def _verify(step_dir: Path, meta: dict, sums: dict[str, str]) -> None:
             raise DamagedCheckpoint(step_dir, f"array {key} {what}")
 
 
-def _quiet_late_reads() -> None:
-    """When a restore fails, orbax's reads of the other arrays are abandoned: their coroutines
-    are closed when collected (GeneratorExit), or finish later and find orbax's event loop
-    closed ("RuntimeError: Event loop is closed"). Python reports each as an unraisable
-    exception with a traceback: pages of them after the user's one-line error (seen with orbax
-    0.12.8). Drop exactly those; everything else goes to the previous hook."""
-    hook = sys.unraisablehook
-    if getattr(hook, "selfsup_quiet", False):
-        return
-
-    def orbax_coroutine(obj) -> bool:
-        code = getattr(obj, "cr_code", None)
-        return code is not None and "orbax" in code.co_filename
-
-    def quiet(unraisable):
-        value = unraisable.exc_value
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            return
-        if isinstance(value, GeneratorExit | RuntimeError) and orbax_coroutine(unraisable.object):
-            return
-        hook(unraisable)
-
-    quiet.selfsup_quiet = True
-    sys.unraisablehook = quiet
-
-
-_quiet_late_reads()
-
-
 def _no_checkpoint(directory: Path) -> UserError:
     return UserError(
         f"no checkpoint in {directory}: train first, or pass the workdir of a run that saved one"
@@ -151,7 +121,8 @@ def _read_meta(mngr: ocp.CheckpointManager, directory: Path, step: int) -> dict:
     """Restores `meta` and checks its schema version."""
     step_dir = directory / str(step)
     try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        with abandoned_reads.quiet():
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:
         raise _unreadable(step_dir, e) from e
     version = meta.get("schema_version") if isinstance(meta, dict) else None
@@ -168,7 +139,8 @@ def _read_meta(mngr: ocp.CheckpointManager, directory: Path, step: int) -> dict:
 def _read_tree_metadata(mngr: ocp.CheckpointManager, step: int) -> PyTree | None:
     """The stored tree of ArrayMetadata (shape, dtype), or None where it cannot be read."""
     try:
-        return mngr.item_metadata(step)["state"].tree
+        with abandoned_reads.quiet():
+            return mngr.item_metadata(step)["state"].tree
     except Exception:
         # Damaged metadata alone does not stop the arrays from being read; restore decides.
         return None
@@ -306,10 +278,11 @@ class Manager:
         if stored is not None:
             _check_matches(stored, target, step_dir)
         try:
-            restored = self._mngr.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))),
-            )
+            with abandoned_reads.quiet():
+                restored = self._mngr.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))),
+                )
         except UserError:
             raise
         except Exception as e:
@@ -425,7 +398,8 @@ def _read_subtrees(
     step_dir = directory / str(step)
     meta = _read_meta(mngr, directory, step)
     try:
-        stored = mngr.item_metadata(step)["state"].tree
+        with abandoned_reads.quiet():
+            stored = mngr.item_metadata(step)["state"].tree
     except Exception as e:
         raise _unreadable(step_dir, e) from e
     if stored is None:
@@ -444,7 +418,8 @@ def _read_subtrees(
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     args = ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True)
     try:
-        restored = mngr.restore(step, args=ocp.args.Composite(state=args)).state if item else {}
+        with abandoned_reads.quiet():
+            restored = mngr.restore(step, args=ocp.args.Composite(state=args)).state if item else {}
     except Exception as e:
         raise _unreadable(step_dir, e) from e
     _verify(step_dir, meta, checksums.on_host(restored))
