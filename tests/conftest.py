@@ -28,6 +28,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+# The suite compiles hundreds of small programs and runs each for a few steps, so compiling is
+# most of its time: LLVM at -O0 halves that, and no test's assertion depends on how fast the
+# compiled code runs. A test that runs the user's own command (the quickstart) passes
+# USER_XLA_FLAGS instead.
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if FAST_COMPILE not in USER_XLA_FLAGS:
+    os.environ["XLA_FLAGS"] = f"{USER_XLA_FLAGS} {FAST_COMPILE}".strip()
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -81,12 +90,17 @@ def cifar_npz() -> Path:
     return path
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test's subprocess on `devices` emulated CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
 def run_python(
     code: str, *, devices: int = 1, timeout: int = 300, argv: list[str] = (), **env
 ) -> str:
     """Run `code` in a fresh interpreter with `devices` emulated CPU devices; return stdout."""
     full_env = {**os.environ, **env}
-    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    full_env["XLA_FLAGS"] = xla_flags(devices)
     full_env.setdefault("JAX_PLATFORMS", "cpu")
     proc = subprocess.run(
         [sys.executable, "-c", code, *argv],

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags
 from PIL import Image
 
 SMOKE = "configs/quickstart.py:smoke"
@@ -213,7 +213,7 @@ CASES = [
          r"resnet", setup=_mae_resnet_config),
     Case("batch_not_divisible", ["train", "--config", SMOKE, "--workdir", "{tmp}/w"],
          r"batch_size=16 must be divisible by the 3 devices",
-         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}),
+         env={"XLA_FLAGS": xla_flags(3)}),
     # Data.
     Case("missing_npz", _train_npz("none.npz"), r"npz file .*none\.npz not found"),
     Case("wrong_array_names", _train_npz("p.npz"), r"p\.npz lacks \['images', 'labels'\]",

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, USER_XLA_FLAGS
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ def test_quickstart_beats_random_init_by_ten_points_on_both_protocols(tmp_path):
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": USER_XLA_FLAGS},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -73,11 +73,14 @@ def rgb_to_hsv(images: jax.Array) -> jax.Array:
     gray = c == 0  # hue undefined: 0, as colorsys; the safe divisor keeps gradients finite
     safe_c = jnp.where(gray, 1.0, c)
     s = jnp.where(gray, 0.0, c / jnp.where(v == 0, 1.0, v))
-    # Sector by the largest channel, red before green on ties (colorsys' precedence).
+    # Sector by the largest channel, red before green before blue on ties (colorsys'
+    # precedence, argmax's too). Not by `v == r`: XLA may recompute r inside a fusion with
+    # different rounding (an FMA or not), and then no channel equals v.
+    sector = jnp.argmax(images, axis=-1)
     h = jnp.where(
-        v == r,
+        sector == 0,
         (g - b) / safe_c,
-        jnp.where(v == g, 2.0 + (b - r) / safe_c, 4.0 + (r - g) / safe_c),
+        jnp.where(sector == 1, 2.0 + (b - r) / safe_c, 4.0 + (r - g) / safe_c),
     )
     h = jnp.where(gray, 0.0, jnp.mod(h / 6.0, 1.0))
     return jnp.stack([h, s, v], axis=-1)

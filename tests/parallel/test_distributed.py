@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, run_python, xla_flags
 
 from selfsup import cli
 from selfsup.errors import UserError
@@ -182,7 +182,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     process 1 alone gets SIGTERM."""
     one, two = tmp_path_factory.mktemp("one_process"), tmp_path_factory.mktemp("two_processes")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = xla_flags(2)
     reference_argv = ["train", *SMOKE, "--workdir", str(one), "--config.num_images=0"]
     with open(one.parent / "one_process.log", "w") as log:
         reference = subprocess.Popen(
