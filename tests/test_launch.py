@@ -62,7 +62,7 @@ def test_local_gives_each_process_its_id_and_prefixes_its_output():
         # The device count set once; the caller's other XLA flags (the suite's) kept.
         count_flags = [f for f in flags if f.startswith("--xla_force_host_platform_device_count")]
         assert count_flags == ["--xla_force_host_platform_device_count=2"]
-        assert FAST_COMPILE in flags
+        assert set(FAST_COMPILE.split()) <= set(flags)
         coordinators.add(coordinator)
     (coordinator,) = coordinators  # one coordinator for all
     assert coordinator.startswith("127.0.0.1:") and int(coordinator.split(":")[1]) > 0

@@ -336,7 +336,11 @@ class Manager:
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's resources."""
+        """Waits for pending saves and for the deletion of crashed saves' leftovers, then
+        releases orbax's resources."""
+        # orbax's close() does not wait for that deletion (orbax 0.12.8): a caller that removes
+        # the workdir next (a run that failed before writing) raced its thread.
+        getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self._mngr.close()
 
 

@@ -556,3 +556,16 @@ def test_cli_resume_from_a_damaged_latest_checkpoint(tmp_path):
     assert [r["loss"] for r in records] == [r["loss"] for r in want]
     # The step saved again is intact.
     trees, _ = checkpoint.restore_tree(tmp_path, ("params", "opt_state"))
+
+
+def test_close_returns_after_crashed_saves_leftovers_are_deleted(tmp_path):
+    """A run that fails before writing closes its manager and then removes the workdir it made:
+    orbax's thread that deletes leftovers must have finished by then (it raced the removal)."""
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in range(200):  # enough files that the deletion takes a while
+        leftover = ckpt_dir / f"{step}.orbax-checkpoint-tmp-{step}" / "state"
+        leftover.mkdir(parents=True)
+        for i in range(5):
+            (leftover / f"chunk{i}").write_bytes(b"x" * 64)
+    checkpoint.Manager(tmp_path).close()
+    assert os.listdir(ckpt_dir) == []
