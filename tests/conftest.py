@@ -31,8 +31,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # The suite compiles hundreds of small programs and runs each for a few steps, so compiling is
 # most of its time: LLVM at -O0 and XLA:CPU's older elemental emitters (where this XLA still has
 # them) compile faster (BENCHMARKS.md, *Test suite: compile flags*), and no test's assertion
-# depends on how fast the compiled code runs. A test that runs the user's own command (the quickstart) passes
-# USER_XLA_FLAGS instead.
+# depends on how fast the compiled code runs. A test that runs the user's own command (the
+# quickstart) passes USER_XLA_FLAGS instead.
 
 
 def _known_to_xla(flag: str) -> bool:
