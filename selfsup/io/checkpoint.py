@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 
 from selfsup import pytree
 from selfsup.errors import UserError
-from selfsup.io import abandoned_reads, checksums, paths
+from selfsup.io import abandoned_io, checksums, paths
 
 PyTree = Any
 
@@ -121,7 +121,7 @@ def _read_meta(mngr: ocp.CheckpointManager, directory: Path, step: int) -> dict:
     """Restores `meta` and checks its schema version."""
     step_dir = directory / str(step)
     try:
-        with abandoned_reads.quiet():
+        with abandoned_io.quiet():
             meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:
         raise _unreadable(step_dir, e) from e
@@ -139,7 +139,7 @@ def _read_meta(mngr: ocp.CheckpointManager, directory: Path, step: int) -> dict:
 def _read_tree_metadata(mngr: ocp.CheckpointManager, step: int) -> PyTree | None:
     """The stored tree of ArrayMetadata (shape, dtype), or None where it cannot be read."""
     try:
-        with abandoned_reads.quiet():
+        with abandoned_io.quiet():
             return mngr.item_metadata(step)["state"].tree
     except Exception:
         # Damaged metadata alone does not stop the arrays from being read; restore decides.
@@ -217,6 +217,7 @@ class Manager:
         self._mngr = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry
         )
+        self._writing = False  # saves may be running in the background (abandoned_io.begin)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None when there is none."""
@@ -251,13 +252,17 @@ class Manager:
             "checksums": checksums.on_devices(state),
         }
         json.dumps(meta)  # fail here, in the caller, rather than in the writer thread
-        self._mngr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        if not self._writing:  # the writes go on after save returns; wait() sees them end
+            abandoned_io.begin()
+            self._writing = True
+        with abandoned_io.quiet():  # a failed previous save raises here
+            self._mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
         if wait:
             self.wait()
 
@@ -278,7 +283,7 @@ class Manager:
         if stored is not None:
             _check_matches(stored, target, step_dir)
         try:
-            with abandoned_reads.quiet():
+            with abandoned_io.quiet():
                 restored = self._mngr.restore(
                     step,
                     args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))),
@@ -333,15 +338,23 @@ class Manager:
 
     def wait(self) -> None:
         """Blocks until every pending save is committed."""
-        self._mngr.wait_until_finished()
+        with abandoned_io.quiet():
+            self._mngr.wait_until_finished()
+        if self._writing:
+            self._writing = False
+            abandoned_io.end()
 
     def close(self) -> None:
         """Waits for pending saves and for the deletion of crashed saves' leftovers, then
         releases orbax's resources."""
         # orbax's close() does not wait for that deletion (orbax 0.12.8): a caller that removes
         # the workdir next (a run that failed before writing) raced its thread.
-        getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
-        self._mngr.close()
+        with abandoned_io.quiet():
+            getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+            self._mngr.close()
+        if self._writing:
+            self._writing = False
+            abandoned_io.end()
 
 
 def restore_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
@@ -402,7 +415,7 @@ def _read_subtrees(
     step_dir = directory / str(step)
     meta = _read_meta(mngr, directory, step)
     try:
-        with abandoned_reads.quiet():
+        with abandoned_io.quiet():
             stored = mngr.item_metadata(step)["state"].tree
     except Exception as e:
         raise _unreadable(step_dir, e) from e
@@ -422,7 +435,7 @@ def _read_subtrees(
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     args = ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True)
     try:
-        with abandoned_reads.quiet():
+        with abandoned_io.quiet():
             restored = mngr.restore(step, args=ocp.args.Composite(state=args)).state if item else {}
     except Exception as e:
         raise _unreadable(step_dir, e) from e

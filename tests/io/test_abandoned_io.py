@@ -1,4 +1,4 @@
-"""A failed restore's stray reports are dropped, and nothing else is."""
+"""A failed restore or save: its stray reports are dropped, and nothing else is."""
 
 import asyncio
 import gc
@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from selfsup.io import abandoned_reads
+from selfsup.io import abandoned_io
 
 _TENSORSTORE_ERROR = (
     'OUT_OF_RANGE: Error reading "x/.zarray" [tensorstore_spec=\'{"driver":"zarr"}\']'
@@ -18,10 +18,10 @@ _TENSORSTORE_ERROR = (
 @pytest.fixture
 def fresh(monkeypatch):
     """The module as a new process has it, and its hooks removed afterwards."""
-    monkeypatch.setattr(abandoned_reads, "_failed", False)
-    monkeypatch.setattr(abandoned_reads, "_depth", 0)
+    monkeypatch.setattr(abandoned_io, "_failed", False)
+    monkeypatch.setattr(abandoned_io, "_depth", 0)
     yield
-    abandoned_reads._uninstall()
+    abandoned_io._uninstall()
 
 
 def _unretrieved_task_error(error: BaseException) -> None:
@@ -40,7 +40,7 @@ def _unretrieved_task_error(error: BaseException) -> None:
 
 
 def _fail_a_restore() -> None:
-    with pytest.raises(ValueError), abandoned_reads.quiet():
+    with pytest.raises(ValueError), abandoned_io.quiet():
         raise ValueError(_TENSORSTORE_ERROR)
 
 
@@ -56,9 +56,9 @@ def test_asyncio_reports_of_checkpoint_reads_are_dropped_after_a_failed_restore(
 
 
 def test_nothing_is_dropped_without_a_failed_restore(fresh, caplog):
-    with abandoned_reads.quiet():
+    with abandoned_io.quiet():
         pass
-    assert abandoned_reads._FILTER not in logging.getLogger("asyncio").filters
+    assert abandoned_io._FILTER not in logging.getLogger("asyncio").filters
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         _unretrieved_task_error(ValueError(_TENSORSTORE_ERROR))
     assert "Task exception was never retrieved" in caplog.text
@@ -96,6 +96,24 @@ def test_a_clean_restore_leaves_the_hooks_as_they_were(fresh, monkeypatch):
         pass
 
     monkeypatch.setattr(sys, "unraisablehook", previous)
-    with abandoned_reads.quiet(), abandoned_reads.quiet():
+    with abandoned_io.quiet(), abandoned_io.quiet():
         assert sys.unraisablehook is not previous
     assert sys.unraisablehook is previous
+
+
+def test_a_save_keeps_them_dropped_until_its_background_writes_are_committed(fresh, tmp_path):
+    """An asynchronous save's writes fail after `save` has returned (a full disk): their
+    reports must be dropped then too, and nothing once the save is committed."""
+    import jax.numpy as jnp
+
+    from selfsup.io import checkpoint
+
+    asyncio_filters = logging.getLogger("asyncio").filters
+    mngr = checkpoint.Manager(tmp_path)
+    mngr.save(1, {"w": jnp.ones(3)}, {})
+    assert abandoned_io._FILTER in asyncio_filters
+    mngr.save(2, {"w": jnp.ones(3)}, {})
+    mngr.wait()
+    assert abandoned_io._FILTER not in asyncio_filters
+    mngr.close()
+    assert abandoned_io._FILTER not in asyncio_filters and abandoned_io._depth == 0

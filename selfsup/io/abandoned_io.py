@@ -1,14 +1,16 @@
-"""Quiets the reports of the reads that a failed orbax restore leaves behind.
+"""Quiets the reports of the reads and writes that a failed orbax restore or save leaves behind.
 
-When one array of a checkpoint cannot be read, orbax raises at once and abandons its reads of
-the other arrays. Each of those is then reported with a traceback, at a time that depends on
-the garbage collector: asyncio logs "Task exception was never retrieved", a collected coroutine
-is an unraisable exception, and a read that finishes after orbax's event loop closed says
-"Event loop is closed". That is pages of tracebacks around the caller's one-line error.
+When one array of a checkpoint cannot be read (or written: a full disk), orbax raises at once
+and abandons its work on the other arrays. Each of those is then reported with a traceback, at
+a time that depends on the garbage collector: asyncio logs "Task exception was never
+retrieved", a collected coroutine is an unraisable exception, and a read or write that finishes
+after orbax's event loop closed says "Event loop is closed". That is pages of tracebacks around
+the caller's one-line error.
 
-`quiet()` wraps a restore. While it runs, and for the rest of the process once a restore has
-failed (the reports come late), exactly those reports are dropped; everything else reaches the
-previous hook and asyncio's logger as before. Nothing is installed until a restore starts.
+`quiet()` wraps each call into orbax that reads or writes arrays, and `begin()` / `end()` span
+the background writes of an asynchronous save. While any runs, and for the rest of the process
+once one has failed (the reports come late), exactly those reports are dropped; everything else
+reaches the previous hook and asyncio's logger as before. Nothing is installed until then.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import traceback
 from collections.abc import Iterator
 
 _ASYNCIO = logging.getLogger("asyncio")
-_failed = False  # a restore has failed: late reports may come until the process exits
+_failed = False  # a restore or save has failed: late reports may come until the process exits
 _depth = 0
 
 
@@ -40,7 +42,7 @@ def _orbax_coroutine(obj) -> bool:
 
 
 class _AsyncioFilter(logging.Filter):
-    """Drops asyncio's reports of abandoned orbax reads (never retrieved, destroyed pending)."""
+    """Drops asyncio's reports of abandoned orbax work (never retrieved, destroyed pending)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -79,18 +81,30 @@ def _uninstall() -> None:
         sys.unraisablehook = previous
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Runs a restore with its abandoned reads' reports dropped (see the module docstring)."""
-    global _depth, _failed
+def begin() -> None:
+    """Orbax work that may be abandoned starts (a save runs on in the background): until the
+    matching `end`, its reports are dropped."""
+    global _depth
     _install()
     _depth += 1
+
+
+def end(failed: bool = False) -> None:
+    """The work of a `begin` is over; `failed`: it raised, and its reports may come later."""
+    global _depth, _failed
+    _depth -= 1
+    _failed = _failed or failed
+    if not _depth and not _failed:
+        _uninstall()
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Runs an orbax restore or save call between `begin` and `end`."""
+    begin()
     try:
         yield
     except BaseException:
-        _failed = True
+        end(failed=True)
         raise
-    finally:
-        _depth -= 1
-        if not _depth and not _failed:
-            _uninstall()
+    end()
