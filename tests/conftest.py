@@ -207,14 +207,15 @@ def eight_devices(request, tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """Mark the numerics tests (`-m numerics`, run on a GPU by benchmarks/gpu.py): every op
     test, and every test compared with a NumPy float64 reference. Put the tests that share the
-    eight-device subprocess in one xdist group, first."""
+    eight-device subprocess in one xdist group, first, then the `longest`."""
     for item in items:
         if item.path.parent.name == "ops" or re.search(r"numpy|float64", item.name):
             item.add_marker(pytest.mark.numerics)
     shared = [item for item in items if "eight_devices" in getattr(item, "fixturenames", ())]
     for item in shared:
         item.add_marker(pytest.mark.xdist_group(EIGHT_DEVICE_GROUP))
-    items[:] = shared + [item for item in items if item not in shared]
+    longest = [item for item in items if item.get_closest_marker("longest")]
+    items[:] = shared + longest + [item for item in items if item not in shared + longest]
 
 
 @pytest.fixture(scope="module")

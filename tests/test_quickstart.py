@@ -15,6 +15,7 @@ from conftest import REPO, USER_XLA_FLAGS
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_quickstart_beats_random_init_by_ten_points_on_both_protocols(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "selfsup.cli", "train", "--config", "configs/quickstart.py"]
