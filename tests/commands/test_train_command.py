@@ -44,6 +44,7 @@ def test_an_error_before_anything_is_written_leaves_no_workdir(tmp_path, capsys,
     assert not workdir.exists()
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_data_summary_resume_and_finished_run_messages(tmp_path, capsys):
     data = _image_folder(tmp_path / "pets")
     workdir = str(tmp_path / "run")

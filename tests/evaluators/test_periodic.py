@@ -53,6 +53,7 @@ def tensorboard_scalars(directory) -> dict[tuple[str, int], float]:
     return out
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_evaluators_run_every_n_steps_and_log_to_jsonl_and_tensorboard(tmp_path, capsys):
     knn_every_3 = {**KNN, "every_steps": 3, "label": "knn3"}
     config = quickstart(

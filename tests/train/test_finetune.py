@@ -212,6 +212,7 @@ def pretrained(tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_finetune_starts_from_the_pretrained_backbone_with_a_new_head(pretrained, tmp_path):
     # Step 0's LR is 0 (1 warmup step), so the checkpoint of step 1 holds the initial parameters.
     config = smoke("finetune_vit_in1k.py", init_from=pretrained, total_steps=1)

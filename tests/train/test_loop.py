@@ -104,6 +104,7 @@ def test_one_config_per_kind_of_state():
         assert (config.objective.name == "distill") == (kind == "teacher"), name
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     config = smoke(total_steps=8, checkpoint_every_steps=100, log_every_steps=1)
     full = loop.train_and_evaluate(config, str(tmp_path / "full"))
@@ -137,6 +138,7 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
         np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
 
 
+@pytest.mark.slow  # end to end through the loop
 @pytest.mark.parametrize("every", [{}, {"log_every_steps": 100, "checkpoint_every_steps": 1}])
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, every):
     """The update of step 3 breaks the parameters: caught at step 3 by the parameter norm the
@@ -198,6 +200,7 @@ def test_cli_sigterm_saves_and_the_same_command_resumes(tmp_path):
     assert steps[-1] == saved + 2 and steps.count(saved + 1) == 1
 
 
+@pytest.mark.slow  # end to end through the loop
 def test_python_dash_m_train_is_the_cli(tmp_path):
     proc = subprocess.run(
         [
