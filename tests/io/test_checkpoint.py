@@ -22,8 +22,8 @@ from selfsup.io import checkpoint, checksums
 
 # A failed restore leaves orbax's other tensorstore reads in flight; when they finish (during a
 # later test, too) their callbacks find orbax's event loop closed and Python reports that.
-# Abandoned reads of the other arrays are closed when collected (GeneratorExit). A command drops
-# those reports (io/abandoned_io.py); pytest installs its own hook while a test runs.
+# Abandoned reads of the other arrays are closed when collected (GeneratorExit). Once a restore
+# has failed, io/abandoned_io.py drops those reports; pytest installs its own hook per test.
 pytestmark = [
     pytest.mark.filterwarnings(
         "ignore:(?s).*Event loop is closed:pytest.PytestUnraisableExceptionWarning"
