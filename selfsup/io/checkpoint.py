@@ -347,14 +347,12 @@ class Manager:
     def close(self) -> None:
         """Waits for pending saves and for the deletion of crashed saves' leftovers, then
         releases orbax's resources."""
+        self.wait()
         # orbax's close() does not wait for that deletion (orbax 0.12.8): a caller that removes
         # the workdir next (a run that failed before writing) raced its thread.
         with abandoned_io.quiet():
             getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
             self._mngr.close()
-        if self._writing:
-            self._writing = False
-            abandoned_io.end()
 
 
 def restore_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
