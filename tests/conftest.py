@@ -80,6 +80,12 @@ def numpy_attention(qkv: np.ndarray, allowed: np.ndarray | None = None) -> np.nd
     return (probs @ v).transpose(0, 2, 1, 3)
 
 
+def rel_err(got, want) -> float:
+    """max |got - want| relative to max |want|, in float64."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
 def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """d f / d x by float64 central differences, for a scalar NumPy function f of array x."""
     grad = np.zeros_like(x)

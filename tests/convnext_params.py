@@ -27,8 +27,3 @@ def random_params(model, seed=0):
 
 def images(seed=0, b=B, size=IMG):
     return np.asarray(jax.random.normal(jax.random.key(seed), (b, size, size, 3)))
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())

@@ -46,11 +46,6 @@ def images(size: int, batch: int = 2, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def count(variant: str) -> int:
     params = abstract_variables(variant)["params"]
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))

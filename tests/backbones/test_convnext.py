@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import numpy_gelu, numpy_layer_norm
-from convnext_params import IMG, SMALL, B, images, random_params, rel_err
+from conftest import numpy_gelu, numpy_layer_norm, rel_err
+from convnext_params import IMG, SMALL, B, images, random_params
 
 from selfsup import backbones
 from selfsup.backbones import Features, Mask, convnext

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
-from resnet_params import abstract_variables, count, images, randomize, rel_err
+from conftest import REPO, rel_err
+from resnet_params import abstract_variables, count, images, randomize
 
 from selfsup.backbones import Mask, resnet
 from selfsup.errors import UserError

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, rel_err
 from torch_compat import timm, torch
 
 from selfsup import backbones, cli, export
@@ -26,11 +26,6 @@ from selfsup.train import loop
 
 IMG = 32
 SMOKE = str(REPO / "configs" / "quickstart.py") + ":smoke"
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def images(seed=0) -> np.ndarray:

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
-from convnext_params import SMALL, images, random_params, rel_err
+from conftest import REPO, rel_err
+from convnext_params import SMALL, images, random_params
 
 from selfsup import backbones
 from selfsup import config as config_lib

@@ -9,8 +9,8 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
-from resnet_params import abstract_variables, count, images, randomize, rel_err
+from conftest import REPO, rel_err
+from resnet_params import abstract_variables, count, images, randomize
 
 from selfsup.backbones import Features, resnet
 from selfsup.errors import UserError

@@ -15,7 +15,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from conftest import REPO, run_python
 
@@ -85,16 +84,9 @@ def test_one_config_per_kind_of_state():
     assert set(RESUME_KINDS) <= set(CONFIGS)
     for name, kind in RESUME_KINDS.items():
         config = smoke(name)
-        model = step_lib.build_model(config, num_classes=10)
-        size = config.data.image_size
-        views = jax.eval_shape(
-            augment.build(config.views),
-            jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8),
-            jax.random.key(0),
-        )
-        views = tuple(jnp.zeros(v.shape, v.dtype) for v in views)
-        state = jax.eval_shape(state_lib.init_fn(model, optax.identity(), views, config.seed))
-        collections = set(state.model_state)
+        mesh = sharding.make_mesh(config.mesh)
+        program = step_lib.build_program(config, mesh, num_classes=10, steps_per_epoch=100)
+        collections = set(program.abstract_state.model_state)
         if kind == "plain":
             assert collections == set(), (name, collections)
         elif kind == "batch_stats":
