@@ -2,9 +2,9 @@
 uses (tests/conftest.py), against XLA's defaults, side by side on this machine.
 
 Each flag set runs in its own process (XLA_FLAGS is read once per process), with the persistent
-compilation cache off. `compile_s` is `lowered.compile()` of the jitted, sharded train step;
-`step_ms` the mean of 5 steps after the first. A flag this XLA does not know is reported and
-skipped.
+compilation cache off. `compile_s` is the compilation of the train step as the loop jits it
+(`common.library_step`); `step_ms` the median of 5 steps after the first. A flag this XLA does
+not know is reported and skipped.
 
     python benchmarks/compile_time.py
 """
@@ -30,33 +30,17 @@ FLAG_SETS = {
 }
 
 CHILD = r"""
-import json, sys, time
-import jax, jax.numpy as jnp
+import json, sys
+sys.path.insert(0, "benchmarks")
+import common
+import jax
 from selfsup import config as config_lib
-from selfsup.parallel import sharding
-from selfsup.train import state as state_lib, step as step_lib
 jax.config.update("jax_enable_compilation_cache", False)
 out = {}
 for name in sys.argv[1:]:
-    config = config_lib.resolve(config_lib.load(name))
-    mesh = sharding.make_mesh(config.mesh)
-    program = step_lib.build_program(config, mesh, 10, 100)
-    size = config.data.image_size
-    batch = {"image": jnp.zeros((config.batch_size, size, size, 3), jnp.uint8),
-             "label": jnp.zeros((config.batch_size,), jnp.int32)}
-    lowered = program.train_step.lower(program.abstract_state, batch)
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
-    state, _ = state_lib.create(program.model, program.tx, program.example_views, config.seed,
-                                mesh, config.param_sharding)
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(5):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    out[name] = {"compile_s": compile_s, "step_ms": (time.perf_counter() - start) / 5 * 1e3}
+    step = common.library_step(config_lib.resolve(config_lib.load(name)))
+    step.run()  # the first call
+    out[name] = {"compile_s": step.compile_s, "step_ms": step.run(5) * 1e3}
 print(json.dumps(out))
 """
 
